@@ -1,0 +1,204 @@
+"""POST /v1/chat/completions: authenticate, retrieve, inject, relay, then record."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from providers.base import ChatCall, ChatStream, Provider, UpstreamResponse
+from providers.errors import ProviderError
+from providers.types import ChatRequest
+from proxy import sse
+from proxy.auth import Principal, authenticate_request
+from proxy.db.evidence import ConversationRecord, RetrievalRecord
+from proxy.errors import BadRequest, provider_error_body, provider_error_status
+from proxy.injection import inject
+from proxy.logs import request_fields
+from proxy.recorder import Exchange
+from proxy.retrieval import Retrieval, query_text, retrieve
+from proxy.services import Services, services
+from proxy.validation import chat_request, json_object
+
+# Request headers the upstream may need besides the key; nothing else is forwarded.
+_FORWARDED_HEADERS = ("openai-organization", "openai-project", "openai-beta")
+_TRUE, _FALSE = frozenset({"true", "1", "yes"}), frozenset({"false", "0", "no", ""})
+
+
+def flag(headers: Mapping[str, str], name: str) -> bool:
+    value = headers.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise BadRequest(f"header {name} must be true or false", param=name, code="invalid_header")
+
+
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {name: headers[name] for name in _FORWARDED_HEADERS if name in headers}
+
+
+class Stopwatch:
+    """Milliseconds since the request started, and named splits of it."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.splits: dict[str, float] = {}
+
+    def since(self, start: float) -> float:
+        return round((time.perf_counter() - start) * 1000, 3)
+
+    def mark(self, name: str, start: float) -> None:
+        self.splits[name] = self.since(start)
+
+    def total(self) -> dict[str, float]:
+        return {**self.splits, "total_ms": self.since(self.started)}
+
+
+@dataclass
+class ChatExchange:
+    """Everything known about one proxied call, turned into its evidence at the end."""
+
+    services: Services
+    principal: Principal
+    provider: Provider
+    body: ChatRequest
+    retrieval: Retrieval
+    disable_extraction: bool
+    stopwatch: Stopwatch
+    conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    retrieval_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    def engram_headers(self) -> dict[str, str]:
+        headers = {
+            "x-engram-memories-injected": str(len(self.retrieval.hits)),
+            "x-engram-mode": "full",
+        }
+        if self.retrieval.hits:
+            headers["x-engram-retrieval-id"] = str(self.retrieval_id)
+        return headers
+
+    def record(self, status_code: int, reply: dict[str, Any] | None) -> None:
+        """Queue the conversation row and retrieval log; written off the request's path."""
+        timings = self.stopwatch.total()
+        request_fields().update(timings)
+        extraction = "skipped" if self.disable_extraction or status_code >= 400 else "pending"
+        user_id = self.principal.user_id
+        conversation = ConversationRecord(
+            self.conversation_id, user_id, self.provider.name, self.body["model"],
+            [dict(message) for message in self.body["messages"]], reply, status_code, extraction,
+        )  # fmt: skip
+        retrieval = RetrievalRecord(
+            self.retrieval_id, user_id, self.conversation_id, self.retrieval.query_text,
+            self.retrieval.embedding, self.retrieval.memory_ids, self.retrieval.scores, timings,
+        )  # fmt: skip
+        self.services.recorder.submit(Exchange(conversation, retrieval))
+
+
+async def chat_completions(request: Request) -> Response:
+    """The OpenAI chat endpoint with memory: see DESIGN.md, "The request path"."""
+    svc = services(request)
+    stopwatch = Stopwatch()
+    principal, credentials = await authenticate_request(
+        svc.authenticator, request.headers, svc.settings.openai_api_key
+    )
+    stopwatch.mark("auth_ms", stopwatch.started)
+    body = chat_request(await json_object(request), svc.settings.max_messages)
+    disable_injection = flag(request.headers, "x-engram-disable-injection")
+    provider = svc.providers["openai"]
+    request_fields().update(
+        user_id=str(principal.user_id), provider=provider.name, model=body["model"],
+        stream=bool(body.get("stream")),
+    )  # fmt: skip
+    if disable_injection:
+        retrieval = Retrieval(query_text(body["messages"]), None, [])
+    else:
+        retrieval = await retrieve(
+            svc.embedder, svc.pool, principal.user_id, principal.settings, body["messages"]
+        )
+        stopwatch.splits.update(embed_ms=retrieval.embed_ms, retrieve_ms=retrieval.retrieve_ms)
+    request_fields()["memories_injected"] = len(retrieval.hits)
+    exchange = ChatExchange(
+        svc, principal, provider, body, retrieval,
+        flag(request.headers, "x-engram-disable-extraction"), stopwatch,
+    )  # fmt: skip
+    messages = inject(body["messages"], [hit.content for hit in retrieval.hits])
+    call = ChatCall({**body, "messages": messages}, credentials.provider_key,
+                    forwarded_headers(request.headers))  # fmt: skip
+    if body.get("stream"):
+        return await _streamed(exchange, call)
+    return await _complete(exchange, call)
+
+
+async def _complete(exchange: ChatExchange, call: ChatCall) -> Response:
+    upstream_started = time.perf_counter()
+    try:
+        answer = await exchange.provider.complete(call)
+    except ProviderError as error:
+        exchange.record(provider_error_status(error), None)
+        raise
+    finally:
+        exchange.stopwatch.mark("upstream_first_byte_ms", upstream_started)
+    return Response(
+        answer.body,
+        status_code=answer.status_code,
+        headers={**answer.headers, **exchange.engram_headers()},
+        media_type="application/json",
+        background=BackgroundTask(_record_completion, exchange, answer),
+    )
+
+
+def _record_completion(exchange: ChatExchange, answer: UpstreamResponse) -> None:
+    exchange.record(answer.status_code, first_choice_message(answer.body))
+
+
+def first_choice_message(body: bytes) -> dict[str, Any] | None:
+    try:
+        message = json.loads(body)["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
+async def _streamed(exchange: ChatExchange, call: ChatCall) -> Response:
+    upstream_started = time.perf_counter()
+    try:
+        stream = await exchange.provider.stream(call)
+    except ProviderError as error:
+        exchange.stopwatch.mark("upstream_first_byte_ms", upstream_started)
+        exchange.record(provider_error_status(error), None)
+        raise
+    return StreamingResponse(
+        _relay(exchange, stream, upstream_started),
+        headers={**stream.headers, **exchange.engram_headers(), "cache-control": "no-cache"},
+        media_type="text/event-stream",
+    )
+
+
+async def _relay(
+    exchange: ChatExchange, stream: ChatStream, upstream_started: float
+) -> AsyncIterator[bytes]:
+    """Pass chunks on as they arrive; an upstream failure becomes an SSE error event."""
+    assembler = sse.ReplyAssembler()
+    status = 200
+    try:
+        async for chunk in stream:
+            if "upstream_first_byte_ms" not in exchange.stopwatch.splits:
+                exchange.stopwatch.mark("upstream_first_byte_ms", upstream_started)
+            assembler.feed(chunk)
+            yield chunk
+    except ProviderError as error:
+        status = provider_error_status(error)
+        yield sse.error_event(provider_error_body(error))
+    finally:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        exchange.record(status, assembler.reply())

@@ -1,0 +1,95 @@
+"""The `engram` command: serve, users create, model fetch."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+
+from proxy.settings import Settings, SettingsError
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        access_log=False,  # Engram writes its own line per request, without secrets
+        log_config=None,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+async def _create_user(settings: Settings, email: str) -> dict[str, str]:
+    from proxy.admin import new_user
+    from proxy.db.pool import create_pool
+    from proxy.services import database_url
+
+    pool = await create_pool(await database_url(settings), min_size=1, max_size=1)
+    try:
+        return await new_user(pool, email)
+    finally:
+        await pool.close()
+
+
+def _users_create(settings: Settings, args: argparse.Namespace) -> int:
+    from proxy.errors import ProxyError
+
+    try:
+        created = asyncio.run(_create_user(settings, args.email))
+    except ProxyError as error:
+        print(f"engram: {error.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(created))
+    return 0
+
+
+def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
+    from proxy.embeddings import load_model
+
+    load_model(settings.embedding_model, settings.models_dir)
+    print(f"embedding model {settings.embedding_model} ready in {settings.models_dir}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram", description="Long-term memory for LLM apps.")
+    commands = parser.add_subparsers(dest="command")
+    serve = commands.add_parser("serve", help="serve the proxy (ENGRAM_HOST:ENGRAM_PORT)")
+    serve.set_defaults(run=_serve)
+    users = commands.add_parser("users", help="manage users").add_subparsers(dest="action")
+    create = users.add_parser("create", help="create a user and print its first API key")
+    create.add_argument("--email", required=True)
+    create.set_defaults(run=_users_create)
+    model = commands.add_parser("model", help="the embedding model").add_subparsers(dest="action")
+    fetch = model.add_parser("fetch", help="install the embedding model under ENGRAM_HOME")
+    fetch.set_defaults(run=_model_fetch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        print(f"engram: {error}", file=sys.stderr)
+        return 2
+    code: int = args.run(settings, args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Everything that talks SQL: the pool, the schema, and one named function per statement."""

@@ -1,0 +1,88 @@
+"""The asyncpg pool, the schema applied at start-up, and the embedding-model guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"
+# Serialises schema application when several Engram processes start together.
+_SCHEMA_LOCK_ID = 0x656E6772  # "engr"
+
+Pool = asyncpg.Pool
+
+
+class ModelMismatchError(RuntimeError):
+    """The database's vectors were made by another embedding model than the configured one."""
+
+
+def is_outage(error: BaseException) -> bool:
+    """True when `error` means the database could not be reached, not that it said no."""
+    return isinstance(
+        error,
+        OSError
+        | TimeoutError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.InterfaceError
+        | asyncpg.CannotConnectNowError,
+    )
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await register_vector(connection)
+    await connection.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+    # Filtered HNSW scans otherwise stop at ef_search candidates and can return
+    # fewer of this user's rows than asked for.
+    await connection.execute("SET hnsw.iterative_scan = relaxed_order")
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Pool:
+    """A pool whose connections know the vector and jsonb types."""
+    await apply_schema(dsn)
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+    )
+    assert pool is not None
+    return pool
+
+
+async def apply_schema(dsn: str) -> None:
+    """Run schema.sql; every statement in it is idempotent."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        async with connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_ID)
+            await connection.execute(SCHEMA_PATH.read_text())
+    finally:
+        await connection.close()
+
+
+async def claim_embedding_model(pool: Pool, model_name: str) -> None:
+    """Record the embedding model on first start; refuse to start under another one."""
+    stored: Any = await pool.fetchval(
+        """
+        WITH claimed AS (
+            INSERT INTO engram_meta (key, value) VALUES ('embedding_model', $1)
+            ON CONFLICT (key) DO NOTHING
+            RETURNING value
+        )
+        SELECT value FROM claimed
+        UNION ALL
+        SELECT value FROM engram_meta WHERE key = 'embedding_model'
+        LIMIT 1
+        """,
+        model_name,
+    )
+    if stored != model_name:
+        raise ModelMismatchError(
+            f"this database's memories were embedded with {stored!r}, but Engram is "
+            f"configured for {model_name!r} (ENGRAM_EMBEDDING_MODEL). Vectors of two models "
+            f"cannot be compared: start with ENGRAM_EMBEDDING_MODEL={stored} or use another "
+            f"database."
+        )

@@ -1,0 +1,146 @@
+"""The memories API for the key's user: capture, search, and the retrieval logs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from proxy import memories
+from proxy.auth import Principal, authenticate_request
+from proxy.db.evidence import list_retrieval_logs
+from proxy.db.memories import MemoryHit
+from proxy.errors import BadRequest
+from proxy.services import Services, services
+from proxy.validation import json_object, number_field, text_field
+
+MAX_CONTENT_CHARS = 8000
+MAX_QUERY_CHARS = 4000
+MAX_SEARCH_LIMIT = 100
+MAX_LOG_PAGE = 100
+
+
+async def _caller(request: Request) -> tuple[Services, Principal]:
+    svc = services(request)
+    principal, _ = await authenticate_request(
+        svc.authenticator, request.headers, svc.settings.openai_api_key
+    )
+    return svc, principal
+
+
+def _timestamp(body: dict[str, Any], name: str) -> datetime | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise BadRequest(f"{name}: must be an ISO 8601 date-time", param=name)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _metadata(body: dict[str, Any]) -> dict[str, Any]:
+    value = body.get("metadata")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest("metadata: must be a JSON object", param="metadata")
+    return value
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def hit_json(hit: MemoryHit) -> dict[str, Any]:
+    return {
+        "id": str(hit.id),
+        "content": hit.content,
+        "score": round(hit.score, 6),
+        "metadata": hit.metadata,
+        "occurred_at": _iso(hit.occurred_at),
+        "created_at": _iso(hit.created_at),
+    }
+
+
+async def capture(request: Request) -> JSONResponse:
+    """POST /memories/capture {"content", "metadata"?, "occurred_at"?}."""
+    svc, principal = await _caller(request)
+    body = await json_object(request)
+    result = await memories.capture(
+        svc.pool,
+        svc.embedder,
+        principal.user_id,
+        text_field(body, "content", MAX_CONTENT_CHARS),
+        dedup_threshold=principal.settings.dedup_threshold,
+        metadata=_metadata(body),
+        occurred_at=_timestamp(body, "occurred_at"),
+    )
+    answer: dict[str, Any] = {"id": str(result.id), "status": result.status}
+    if result.similarity is not None:
+        answer["similarity"] = result.similarity
+    return JSONResponse(answer, status_code=201 if result.status == "stored" else 200)
+
+
+async def search(request: Request) -> JSONResponse:
+    """POST /memories/search {"query", "limit"?, "threshold"?}."""
+    svc, principal = await _caller(request)
+    body = await json_object(request)
+    limit = number_field(body, "limit", 10, 1, MAX_SEARCH_LIMIT)
+    if limit != int(limit):
+        raise BadRequest("limit: must be a whole number", param="limit")
+    hits = await memories.search(
+        svc.pool,
+        svc.embedder,
+        principal.user_id,
+        text_field(body, "query", MAX_QUERY_CHARS),
+        int(limit),
+        number_field(body, "threshold", principal.settings.retrieval_threshold, -1, 1),
+    )
+    return JSONResponse({"results": [hit_json(hit) for hit in hits]})
+
+
+def _page_params(request: Request) -> tuple[int, uuid.UUID | None]:
+    raw_limit = request.query_params.get("limit", "20")
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LOG_PAGE:
+        raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LOG_PAGE}", param="limit")
+    raw_before = request.query_params.get("before")
+    try:
+        before = uuid.UUID(raw_before) if raw_before else None
+    except ValueError:
+        raise BadRequest("before: must be a retrieval log id", param="before") from None
+    return int(raw_limit), before
+
+
+async def retrieval_logs(request: Request) -> JSONResponse:
+    """GET /retrieval-logs?limit=&before=: this user's logs, newest first."""
+    svc, principal = await _caller(request)
+    limit, before = _page_params(request)
+    entries = await list_retrieval_logs(svc.pool, principal.user_id, limit + 1, before)
+    page = entries[:limit]
+    data = [
+        {
+            "id": str(entry.id),
+            "conversation_id": str(entry.conversation_id) if entry.conversation_id else None,
+            "query_text": entry.query_text,
+            "memories": entry.memories,
+            "timings": entry.timings,
+            "provider": entry.provider,
+            "model": entry.model,
+            "created_at": _iso(entry.created_at),
+        }
+        for entry in page
+    ]
+    has_more = len(entries) > limit
+    return JSONResponse(
+        {
+            "data": data,
+            "has_more": has_more,
+            "next_before": data[-1]["id"] if has_more else None,
+        }
+    )

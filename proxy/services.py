@@ -1,0 +1,95 @@
+"""The long-lived parts of a running Engram, opened and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import cast
+
+import httpx
+import structlog
+from starlette.requests import Request
+
+from providers.base import Provider
+from providers.openai import OpenAIProvider
+from proxy.auth import Authenticator
+from proxy.db.embedded import start_embedded
+from proxy.db.evidence import record_exchange
+from proxy.db.pool import Pool, claim_embedding_model, create_pool
+from proxy.db.users import fetch_key
+from proxy.embeddings import Embedder
+from proxy.recorder import EvidenceRecorder
+from proxy.settings import Settings
+
+log = structlog.get_logger("engram.services")
+
+ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
+
+# Every upstream Engram can call, by the name a request selects it with.
+PROVIDERS: dict[str, ProviderFactory] = {
+    "openai": lambda settings, client: OpenAIProvider(client, settings.openai_base_url),
+}
+
+
+@dataclass(frozen=True)
+class Services:
+    settings: Settings
+    pool: Pool
+    embedder: Embedder
+    authenticator: Authenticator
+    providers: Mapping[str, Provider]
+    recorder: EvidenceRecorder
+
+
+def services(request: Request) -> Services:
+    """The running services, from the lifespan state."""
+    return cast(Services, request.state.services)
+
+
+async def database_url(settings: Settings) -> str:
+    """DATABASE_URL, or the embedded PostgreSQL kept under ENGRAM_HOME."""
+    if settings.database_url:
+        return settings.database_url
+    return await start_embedded(settings.embedded_data_dir)
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(
+        connect=settings.upstream_connect_timeout,
+        read=settings.upstream_read_timeout,
+        write=settings.upstream_read_timeout,
+        pool=settings.upstream_connect_timeout,
+    )
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+
+
+@asynccontextmanager
+async def open_services(settings: Settings) -> AsyncIterator[Services]:
+    """Start the database, model, HTTP client and background writer; close them after."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    pool = await create_pool(await database_url(settings))
+    embedder = await asyncio.to_thread(Embedder.load, settings.embedding_model, settings.models_dir)
+    client = upstream_client(settings)
+    recorder = EvidenceRecorder(partial(record_exchange, pool))
+    try:
+        await claim_embedding_model(pool, embedder.name)
+        recorder.start()
+        yield Services(
+            settings=settings,
+            pool=pool,
+            embedder=embedder,
+            authenticator=Authenticator(
+                partial(fetch_key, pool), settings.auth_cache_ttl, settings.auth_cache_size
+            ),
+            providers={name: make(settings, client) for name, make in PROVIDERS.items()},
+            recorder=recorder,
+        )
+    finally:
+        await recorder.close(grace_seconds=10.0)
+        await client.aclose()
+        await pool.close()
+        embedder.close()

@@ -1,0 +1,110 @@
+"""Engram's configuration, read once from the environment and frozen."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-int8"
+DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Engram cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything Engram reads from its environment; the only reader of it."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    home: Path = field(default_factory=lambda: Path("~/.local/share/engram").expanduser())
+    database_url: str | None = None
+    embedding_model: str = OFFLINE_MODEL_NAME
+    admin_key: str | None = field(default=None, repr=False)
+    auth_cache_ttl: float = 300.0
+    auth_cache_size: int = 10_000
+    max_body_bytes: int = 2 * 1024 * 1024
+    max_messages: int = 2048
+    openai_base_url: str = DEFAULT_OPENAI_BASE_URL
+    openai_api_key: str | None = field(default=None, repr=False)
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 600.0
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Build settings from `environ` (default: the process environment)."""
+        env = _Env(os.environ if environ is None else environ)
+        defaults = cls()
+        return cls(
+            host=env.text("ENGRAM_HOST", defaults.host),
+            port=env.integer("ENGRAM_PORT", defaults.port, minimum=0),
+            home=Path(env.text("ENGRAM_HOME", str(defaults.home))).expanduser(),
+            database_url=env.optional("DATABASE_URL"),
+            embedding_model=env.text("ENGRAM_EMBEDDING_MODEL", defaults.embedding_model),
+            admin_key=env.optional("ENGRAM_ADMIN_KEY"),
+            auth_cache_ttl=env.number("ENGRAM_AUTH_CACHE_TTL", defaults.auth_cache_ttl),
+            max_body_bytes=env.integer(
+                "ENGRAM_MAX_BODY_BYTES", defaults.max_body_bytes, minimum=1024
+            ),
+            max_messages=env.integer("ENGRAM_MAX_MESSAGES", defaults.max_messages, minimum=1),
+            openai_base_url=env.text("OPENAI_BASE_URL", defaults.openai_base_url).rstrip("/"),
+            openai_api_key=env.optional("OPENAI_API_KEY"),
+            upstream_connect_timeout=env.number(
+                "ENGRAM_UPSTREAM_CONNECT_TIMEOUT", defaults.upstream_connect_timeout
+            ),
+            upstream_read_timeout=env.number(
+                "ENGRAM_UPSTREAM_READ_TIMEOUT", defaults.upstream_read_timeout
+            ),
+            log_level=env.text("ENGRAM_LOG_LEVEL", defaults.log_level).lower(),
+        )
+
+    @property
+    def embedded_data_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+
+@dataclass(frozen=True)
+class _Env:
+    """Typed reads of environment variables, with errors that name the variable."""
+
+    environ: Mapping[str, str]
+
+    def optional(self, name: str) -> str | None:
+        value = self.environ.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def number(self, name: str, default: float, minimum: float = 0.0) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < minimum:
+            raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
+        return value

@@ -1,0 +1,93 @@
+-- Engram's schema: the single source, applied idempotently at every start-up.
+-- Every statement must be safe to run again on a database that already has it.
+
+CREATE EXTENSION IF NOT EXISTS vector;
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+
+-- Facts about the deployment itself, such as which embedding model made the
+-- stored vectors (vectors of two models must never be mixed).
+CREATE TABLE IF NOT EXISTS engram_meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS users (
+    id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    email                 text NOT NULL,
+    max_memories_injected integer NOT NULL DEFAULT 5
+        CHECK (max_memories_injected BETWEEN 0 AND 50),
+    retrieval_threshold   real NOT NULL DEFAULT 0.3
+        CHECK (retrieval_threshold BETWEEN 0 AND 1),
+    dedup_threshold       real NOT NULL DEFAULT 0.9
+        CHECK (dedup_threshold BETWEEN 0.5 AND 1),
+    created_at            timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX IF NOT EXISTS users_email_key ON users (lower(email));
+
+-- Only an argon2id hash of a key's secret is kept; key_id is the public part
+-- of `egm_<key_id>_<secret>` and is how a key is found.
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id       text PRIMARY KEY,
+    user_id      uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    name         text NOT NULL DEFAULT 'default',
+    secret_hash  text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    last_used_at timestamptz,
+    revoked_at   timestamptz
+);
+CREATE INDEX IF NOT EXISTS api_keys_user_id ON api_keys (user_id);
+
+CREATE TABLE IF NOT EXISTS conversations (
+    id                uuid PRIMARY KEY,
+    user_id           uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    provider          text NOT NULL,
+    model             text NOT NULL,
+    messages          jsonb NOT NULL,
+    reply             jsonb,
+    status_code       integer NOT NULL,
+    extraction_status text NOT NULL DEFAULT 'pending'
+        CHECK (extraction_status IN ('pending', 'done', 'skipped', 'failed')),
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS conversations_user_created
+    ON conversations (user_id, created_at DESC);
+
+CREATE TABLE IF NOT EXISTS memories (
+    id                     uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id                uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    content                text NOT NULL,
+    content_hash           text NOT NULL,
+    embedding              vector(384) NOT NULL,
+    kind                   text NOT NULL DEFAULT 'other'
+        CHECK (kind IN ('preference', 'fact', 'decision', 'plan', 'other')),
+    confidence             real NOT NULL DEFAULT 1.0 CHECK (confidence BETWEEN 0 AND 1),
+    metadata               jsonb NOT NULL DEFAULT '{}'::jsonb,
+    occurred_at            timestamptz,
+    access_count           integer NOT NULL DEFAULT 0,
+    last_accessed_at       timestamptz,
+    source_conversation_id uuid REFERENCES conversations (id) ON DELETE SET NULL,
+    superseded_by          uuid REFERENCES memories (id) ON DELETE SET NULL,
+    created_at             timestamptz NOT NULL DEFAULT now(),
+    updated_at             timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (user_id, content_hash)
+);
+CREATE INDEX IF NOT EXISTS memories_embedding_hnsw
+    ON memories USING hnsw (embedding vector_cosine_ops);
+CREATE INDEX IF NOT EXISTS memories_active_user
+    ON memories (user_id) WHERE superseded_by IS NULL;
+
+-- Why did the model say that? One row per proxied call: what was asked, which
+-- memories were found with which scores, and where the time went.
+CREATE TABLE IF NOT EXISTS retrieval_logs (
+    id              uuid PRIMARY KEY,
+    user_id         uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    conversation_id uuid REFERENCES conversations (id) ON DELETE CASCADE,
+    query_text      text NOT NULL,
+    query_embedding vector(384),
+    memory_ids      uuid[] NOT NULL DEFAULT '{}',
+    scores          real[] NOT NULL DEFAULT '{}',
+    timings         jsonb NOT NULL DEFAULT '{}'::jsonb,
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS retrieval_logs_user_created
+    ON retrieval_logs (user_id, created_at DESC, id DESC);

@@ -1,0 +1,1 @@
+"""Local stand-ins for upstream model servers, served for real over HTTP."""

@@ -1,0 +1,168 @@
+"""A fake OpenAI chat server: records what it receives, answers like the real API.
+
+Used by the tests (as the upstream Engram calls) and by the benchmarks in
+scripts/, which set a fixed delay before the first token and a token rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.body.get("messages", []))
+
+    @property
+    def system_text(self) -> str:
+        return "\n".join(m.get("content") or "" for m in self.messages if m.get("role") == "system")
+
+
+@dataclass
+class Scripted:
+    """A canned answer for the next request: an error, a tool call, or text."""
+
+    status: int = 200
+    body: dict[str, Any] | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    fail_mid_stream: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class FakeOpenAI:
+    """The fake's state and its Starlette app."""
+
+    def __init__(
+        self,
+        reply: str = "Hello from the fake upstream.",
+        first_token_delay: float = 0.0,
+        token_interval: float = 0.0,
+    ) -> None:
+        self.reply = reply
+        self.first_token_delay = first_token_delay
+        self.token_interval = token_interval
+        self.received: list[Received] = []
+        self._script: list[Scripted] = []
+        self._lock = threading.Lock()
+        self.app = Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+
+    def script(self, *answers: Scripted) -> None:
+        with self._lock:
+            self._script.extend(answers)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.received.clear()
+            self._script.clear()
+
+    def last(self) -> Received:
+        with self._lock:
+            return self.received[-1]
+
+    def _next(self) -> Scripted:
+        with self._lock:
+            return self._script.pop(0) if self._script else Scripted()
+
+    async def _models(self, request: Request) -> Response:
+        models = [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]
+        return JSONResponse({"object": "list", "data": models})
+
+    async def _chat(self, request: Request) -> Response:
+        body = json.loads(await request.body())
+        with self._lock:
+            self.received.append(Received(dict(request.headers), body))
+        answer = self._next()
+        if answer.status >= 400:
+            error = answer.body or {"error": {"message": "fake failure", "type": "x", "code": None}}
+            return JSONResponse(error, status_code=answer.status, headers=answer.headers)
+        if answer.body is not None:
+            return JSONResponse(answer.body, headers=answer.headers)
+        if body.get("stream"):
+            return StreamingResponse(
+                self._chunks(body, answer),
+                media_type="text/event-stream",
+                headers={"x-request-id": "req_fake", **answer.headers},
+            )
+        await asyncio.sleep(self.first_token_delay)
+        return JSONResponse(self._completion(body, answer), headers={"x-request-id": "req_fake"})
+
+    def _completion(self, body: dict[str, Any], answer: Scripted) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": answer.content or self.reply}
+        finish = "stop"
+        if answer.tool_calls:
+            message = {"role": "assistant", "content": None, "tool_calls": answer.tool_calls}
+            finish = "tool_calls"
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "gpt-fake"),
+            "system_fingerprint": "fp_fake",
+            "choices": [
+                {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }
+
+    async def _chunks(self, body: dict[str, Any], answer: Scripted) -> AsyncIterator[bytes]:
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", "gpt-fake"),
+        }
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return b"data: " + json.dumps({**base, "choices": [choice]}).encode() + b"\n\n"
+
+        await asyncio.sleep(self.first_token_delay)
+        yield chunk({"role": "assistant", "content": ""})
+        if answer.tool_calls:
+            for index, call in enumerate(answer.tool_calls):
+                name = call["function"]["name"]
+                head = {"index": index, "id": call["id"], "type": "function",
+                        "function": {"name": name, "arguments": ""}}  # fmt: skip
+                yield chunk({"tool_calls": [head]})
+                arguments = call["function"]["arguments"]
+                for start in range(0, len(arguments), 8):
+                    piece = {
+                        "index": index,
+                        "function": {"arguments": arguments[start : start + 8]},
+                    }
+                    yield chunk({"tool_calls": [piece]})
+            yield chunk({}, "tool_calls")
+        else:
+            for word in (answer.content or self.reply).split(" "):
+                await asyncio.sleep(self.token_interval)
+                yield chunk({"content": word + " "})
+                if answer.fail_mid_stream:
+                    raise RuntimeError("fake upstream broke mid-stream")
+            yield chunk({}, "stop")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
+            yield b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
