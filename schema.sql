@@ -11,12 +11,16 @@ CREATE TABLE IF NOT EXISTS engram_meta (
     value text NOT NULL
 );
 
+-- retrieval_threshold defaults to 0: the closest memories are injected whatever
+-- their score, because a useful memory is often only loosely similar to the
+-- question ("suggest a dinner place" vs "the user is vegetarian": cosine ~0.1).
+-- Raise it per user to inject only close matches.
 CREATE TABLE IF NOT EXISTS users (
     id                    uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     email                 text NOT NULL,
     max_memories_injected integer NOT NULL DEFAULT 5
         CHECK (max_memories_injected BETWEEN 0 AND 50),
-    retrieval_threshold   real NOT NULL DEFAULT 0.3
+    retrieval_threshold   real NOT NULL DEFAULT 0.0
         CHECK (retrieval_threshold BETWEEN 0 AND 1),
     dedup_threshold       real NOT NULL DEFAULT 0.9
         CHECK (dedup_threshold BETWEEN 0.5 AND 1),
@@ -91,3 +95,32 @@ CREATE TABLE IF NOT EXISTS retrieval_logs (
 );
 CREATE INDEX IF NOT EXISTS retrieval_logs_user_created
     ON retrieval_logs (user_id, created_at DESC, id DESC);
+
+-- The extraction queue: one job per conversation whose exchange may hold
+-- memories. Claimed with FOR UPDATE SKIP LOCKED under a renewable lease.
+--   pending → running → done | failed;  waiting = the request's provider key
+--   is gone (held in memory only) and no server-side extraction model is set.
+CREATE TABLE IF NOT EXISTS memory_jobs (
+    id                 uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id            uuid NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    conversation_id    uuid NOT NULL UNIQUE REFERENCES conversations (id) ON DELETE CASCADE,
+    status             text NOT NULL DEFAULT 'pending'
+        CHECK (status IN ('pending', 'running', 'waiting', 'done', 'failed')),
+    attempts           integer NOT NULL DEFAULT 0,
+    run_after          timestamptz NOT NULL DEFAULT now(),
+    lease_expires_at   timestamptz,
+    worker_id          text,
+    -- The process whose memory holds the request's provider key, if any.
+    credentials_holder text,
+    last_error         text,
+    raw_output         text,
+    memories_stored    integer NOT NULL DEFAULT 0,
+    memories_merged    integer NOT NULL DEFAULT 0,
+    memories_rejected  integer NOT NULL DEFAULT 0,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now(),
+    finished_at        timestamptz
+);
+CREATE INDEX IF NOT EXISTS memory_jobs_claimable
+    ON memory_jobs (run_after) WHERE status IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS memory_jobs_user_status ON memory_jobs (user_id, status);

@@ -36,6 +36,15 @@ class UpstreamResponse:
         return json.loads(self.body)
 
 
+def first_choice_message(body: bytes) -> dict[str, Any] | None:
+    """choices[0].message of an OpenAI chat completion body, if it has one."""
+    try:
+        message = json.loads(body)["choices"][0]["message"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    return message if isinstance(message, dict) else None
+
+
 class ChatStream(Protocol):
     """An open streamed answer: server-sent event bytes in the OpenAI chunk format."""
 

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from proxy import admin, chat, memory_api, model_list
+from proxy import admin, chat, memory_api, model_list, stats_api
 from proxy.errors import EXCEPTION_HANDLERS
 from proxy.limits import BodyLimitMiddleware
 from proxy.logs import RequestLogMiddleware
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/memories/capture", memory_api.capture, methods=["POST"]),
         Route("/memories/search", memory_api.search, methods=["POST"]),
         Route("/retrieval-logs", memory_api.retrieval_logs, methods=["GET"]),
+        Route("/stats", stats_api.stats, methods=["GET"]),
         Route("/users", admin.create_user, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]

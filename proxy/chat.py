@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -14,7 +13,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from providers.base import ChatCall, ChatStream, Provider, UpstreamResponse
+from providers.base import ChatCall, ChatStream, Provider, UpstreamResponse, first_choice_message
 from providers.errors import ProviderError
 from providers.types import ChatRequest
 from proxy import sse
@@ -27,6 +26,7 @@ from proxy.recorder import Exchange
 from proxy.retrieval import Retrieval, query_text, retrieve
 from proxy.services import Services, services
 from proxy.validation import chat_request, json_object
+from proxy.vault import RequestCredentials
 
 # Request headers the upstream may need besides the key; nothing else is forwarded.
 _FORWARDED_HEADERS = ("openai-organization", "openai-project", "openai-beta")
@@ -74,6 +74,7 @@ class ChatExchange:
     retrieval: Retrieval
     disable_extraction: bool
     stopwatch: Stopwatch
+    provider_key: str | None = field(default=None, repr=False)
     conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
     retrieval_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
@@ -90,17 +91,29 @@ class ChatExchange:
         """Queue the conversation row and retrieval log; written off the request's path."""
         timings = self.stopwatch.total()
         request_fields().update(timings)
-        extraction = "skipped" if self.disable_extraction or status_code >= 400 else "pending"
+        extract = status_code < 400 and not self.disable_extraction
+        extract = extract and self.services.settings.extraction != "off"
         user_id = self.principal.user_id
         conversation = ConversationRecord(
             self.conversation_id, user_id, self.provider.name, self.body["model"],
-            [dict(message) for message in self.body["messages"]], reply, status_code, extraction,
+            [dict(message) for message in self.body["messages"]], reply, status_code,
+            "pending" if extract else "skipped",
         )  # fmt: skip
         retrieval = RetrievalRecord(
             self.retrieval_id, user_id, self.conversation_id, self.retrieval.query_text,
             self.retrieval.embedding, self.retrieval.memory_ids, self.retrieval.scores, timings,
         )  # fmt: skip
-        self.services.recorder.submit(Exchange(conversation, retrieval))
+        holder = self._hold_credentials() if extract else None
+        self.services.recorder.submit(Exchange(conversation, retrieval, holder))
+
+    def _hold_credentials(self) -> str | None:
+        """Keep the request's key in memory for its extraction job, if that job needs it."""
+        svc = self.services
+        if svc.vault is None or svc.settings.extraction != "llm" or svc.settings.extraction_model:
+            return None
+        credentials = RequestCredentials(self.provider.name, self.body["model"], self.provider_key)
+        svc.vault.put(self.conversation_id, credentials)
+        return svc.instance_id
 
 
 async def chat_completions(request: Request) -> Response:
@@ -128,7 +141,7 @@ async def chat_completions(request: Request) -> Response:
     request_fields()["memories_injected"] = len(retrieval.hits)
     exchange = ChatExchange(
         svc, principal, provider, body, retrieval,
-        flag(request.headers, "x-engram-disable-extraction"), stopwatch,
+        flag(request.headers, "x-engram-disable-extraction"), stopwatch, credentials.provider_key,
     )  # fmt: skip
     messages = inject(body["messages"], [hit.content for hit in retrieval.hits])
     call = ChatCall({**body, "messages": messages}, credentials.provider_key,
@@ -158,14 +171,6 @@ async def _complete(exchange: ChatExchange, call: ChatCall) -> Response:
 
 def _record_completion(exchange: ChatExchange, answer: UpstreamResponse) -> None:
     exchange.record(answer.status_code, first_choice_message(answer.body))
-
-
-def first_choice_message(body: bytes) -> dict[str, Any] | None:
-    try:
-        message = json.loads(body)["choices"][0]["message"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-    return message if isinstance(message, dict) else None
 
 
 async def _streamed(exchange: ChatExchange, call: ChatCall) -> Response:

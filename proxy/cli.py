@@ -1,4 +1,4 @@
-"""The `engram` command: serve, users create, model fetch."""
+"""The `engram` command: serve, worker, jobs, users create, model fetch."""
 
 from __future__ import annotations
 
@@ -53,6 +53,66 @@ def _users_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _work(settings: Settings) -> None:
+    import signal
+
+    from proxy.db.pool import create_pool
+    from proxy.embeddings import Embedder
+    from proxy.services import PROVIDERS, database_url, upstream_client
+    from proxy.vault import CredentialVault
+    from proxy.worker import ExtractionWorker, server_credentials
+
+    if settings.extraction == "llm" and server_credentials(settings) is None:
+        print(
+            "engram worker: no ENGRAM_EXTRACTION_MODEL is set, and request keys never leave "
+            "the API process that received them: jobs will wait until one is configured",
+            file=sys.stderr,
+        )
+    pool = await create_pool(await database_url(settings))
+    embedder = await asyncio.to_thread(Embedder.load, settings.embedding_model, settings.models_dir)
+    client = upstream_client(settings)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
+    try:
+        providers = {name: make(settings, client) for name, make in PROVIDERS.items()}
+        vault = CredentialVault(settings.extraction_credentials_ttl)
+        worker = ExtractionWorker(pool, embedder, providers, settings, vault, "worker")
+        await worker.run(stopping)
+    finally:
+        await client.aclose()
+        await pool.close()
+        embedder.close()
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from proxy.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    if settings.extraction == "off":
+        print("engram worker: ENGRAM_EXTRACTION=off, nothing to do", file=sys.stderr)
+        return 2
+    asyncio.run(_work(settings))
+    return 0
+
+
+async def _job_stats(settings: Settings) -> dict[str, object]:
+    from proxy.db.jobs import job_stats
+    from proxy.db.pool import create_pool
+    from proxy.services import database_url
+
+    pool = await create_pool(await database_url(settings), min_size=1, max_size=1)
+    try:
+        return await job_stats(pool, None)
+    finally:
+        await pool.close()
+
+
+def _jobs(settings: Settings, args: argparse.Namespace) -> int:
+    print(json.dumps(asyncio.run(_job_stats(settings)), indent=2))
+    return 0
+
+
 def _model_fetch(settings: Settings, args: argparse.Namespace) -> int:
     from proxy.embeddings import load_model
 
@@ -66,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     serve = commands.add_parser("serve", help="serve the proxy (ENGRAM_HOST:ENGRAM_PORT)")
     serve.set_defaults(run=_serve)
+    worker = commands.add_parser("worker", help="run an extraction worker until SIGTERM")
+    worker.set_defaults(run=_worker)
+    jobs = commands.add_parser("jobs", help="extraction jobs by status, oldest pending, failures")
+    jobs.set_defaults(run=_jobs)
     users = commands.add_parser("users", help="manage users").add_subparsers(dest="action")
     create = users.add_parser("create", help="create a user and print its first API key")
     create.add_argument("--email", required=True)

@@ -18,13 +18,14 @@ from proxy.db.pool import is_outage
 
 log = structlog.get_logger("engram.recorder")
 
-Writer = Callable[[ConversationRecord, RetrievalRecord], Awaitable[None]]
+Writer = Callable[[ConversationRecord, RetrievalRecord, str | None], Awaitable[None]]
 
 
 @dataclass(frozen=True)
 class Exchange:
     conversation: ConversationRecord
     retrieval: RetrievalRecord
+    credentials_holder: str | None = None  # the process whose memory holds the request's key
 
 
 class EvidenceRecorder:
@@ -73,7 +74,9 @@ class EvidenceRecorder:
         delay, failures = 0.05, 0
         while True:
             try:
-                await self._write(exchange.conversation, exchange.retrieval)
+                await self._write(
+                    exchange.conversation, exchange.retrieval, exchange.credentials_holder
+                )
                 return
             except Exception as error:
                 failures += 1

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -23,6 +27,8 @@ from proxy.db.users import fetch_key
 from proxy.embeddings import Embedder
 from proxy.recorder import EvidenceRecorder
 from proxy.settings import Settings
+from proxy.vault import CredentialVault
+from proxy.worker import ExtractionWorker
 
 log = structlog.get_logger("engram.services")
 
@@ -42,6 +48,10 @@ class Services:
     authenticator: Authenticator
     providers: Mapping[str, Provider]
     recorder: EvidenceRecorder
+    # This process's name in the job queue, and the request keys it holds for
+    # extraction jobs; None when no inline worker runs here to use them.
+    instance_id: str
+    vault: CredentialVault | None
 
 
 def services(request: Request) -> Services:
@@ -69,27 +79,52 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def open_services(settings: Settings) -> AsyncIterator[Services]:
-    """Start the database, model, HTTP client and background writer; close them after."""
+    """Start the database, model, HTTP client, writer and worker; close them after."""
     settings.home.mkdir(parents=True, exist_ok=True)
     pool = await create_pool(await database_url(settings))
     embedder = await asyncio.to_thread(Embedder.load, settings.embedding_model, settings.models_dir)
     client = upstream_client(settings)
     recorder = EvidenceRecorder(partial(record_exchange, pool))
+    inline_worker = settings.worker == "inline" and settings.extraction != "off"
+    providers = {name: make(settings, client) for name, make in PROVIDERS.items()}
+    svc = Services(
+        settings=settings,
+        pool=pool,
+        embedder=embedder,
+        authenticator=Authenticator(
+            partial(fetch_key, pool), settings.auth_cache_ttl, settings.auth_cache_size
+        ),
+        providers=providers,
+        recorder=recorder,
+        instance_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+        vault=CredentialVault(settings.extraction_credentials_ttl) if inline_worker else None,
+    )
+    stopping = asyncio.Event()
+    worker_task: asyncio.Task[None] | None = None
     try:
         await claim_embedding_model(pool, embedder.name)
         recorder.start()
-        yield Services(
-            settings=settings,
-            pool=pool,
-            embedder=embedder,
-            authenticator=Authenticator(
-                partial(fetch_key, pool), settings.auth_cache_ttl, settings.auth_cache_size
-            ),
-            providers={name: make(settings, client) for name, make in PROVIDERS.items()},
-            recorder=recorder,
-        )
+        if svc.vault is not None:
+            worker = ExtractionWorker(
+                pool, embedder, providers, settings, svc.vault, svc.instance_id
+            )
+            worker_task = asyncio.create_task(worker.run(stopping), name="extraction-worker")
+        yield svc
     finally:
+        stopping.set()
         await recorder.close(grace_seconds=10.0)
+        if worker_task is not None:
+            await stop_worker(worker_task, grace_seconds=10.0)
         await client.aclose()
         await pool.close()
         embedder.close()
+
+
+async def stop_worker(task: asyncio.Task[None], grace_seconds: float) -> None:
+    """Let the worker finish its job in hand; past the grace it is cancelled and releases it."""
+    try:
+        await asyncio.wait_for(asyncio.shield(task), grace_seconds)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

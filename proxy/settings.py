@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-int8"
+EXTRACTION_MODES = ("llm", "raw", "off")
+WORKER_MODES = ("inline", "off")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):
@@ -34,6 +38,15 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
     log_level: str = "info"
+    extraction: str = "llm"  # llm | raw | off
+    extraction_provider: str = "openai"
+    extraction_model: str | None = None
+    extraction_max_attempts: int = 5
+    extraction_retry_base: float = 2.0
+    extraction_credentials_ttl: float = 900.0
+    worker: str = "inline"  # inline | off
+    worker_lease: float = 60.0
+    worker_poll_interval: float = 0.5
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -42,7 +55,7 @@ class Settings:
         defaults = cls()
         return cls(
             host=env.text("ENGRAM_HOST", defaults.host),
-            port=env.integer("ENGRAM_PORT", defaults.port, minimum=0),
+            port=env.integer("ENGRAM_PORT", defaults.port, minimum=0, maximum=65535),
             home=Path(env.text("ENGRAM_HOME", str(defaults.home))).expanduser(),
             database_url=env.optional("DATABASE_URL"),
             embedding_model=env.text("ENGRAM_EMBEDDING_MODEL", defaults.embedding_model),
@@ -60,7 +73,26 @@ class Settings:
             upstream_read_timeout=env.number(
                 "ENGRAM_UPSTREAM_READ_TIMEOUT", defaults.upstream_read_timeout
             ),
-            log_level=env.text("ENGRAM_LOG_LEVEL", defaults.log_level).lower(),
+            log_level=env.choice("ENGRAM_LOG_LEVEL", defaults.log_level, LOG_LEVELS),
+            extraction=env.choice("ENGRAM_EXTRACTION", defaults.extraction, EXTRACTION_MODES),
+            extraction_provider=env.text(
+                "ENGRAM_EXTRACTION_PROVIDER", defaults.extraction_provider
+            ),
+            extraction_model=env.optional("ENGRAM_EXTRACTION_MODEL"),
+            extraction_max_attempts=env.integer(
+                "ENGRAM_EXTRACTION_MAX_ATTEMPTS", defaults.extraction_max_attempts, minimum=1
+            ),
+            extraction_retry_base=env.number(
+                "ENGRAM_EXTRACTION_RETRY_BASE", defaults.extraction_retry_base
+            ),
+            extraction_credentials_ttl=env.number(
+                "ENGRAM_EXTRACTION_CREDENTIALS_TTL", defaults.extraction_credentials_ttl
+            ),
+            worker=env.choice("ENGRAM_WORKER", defaults.worker, WORKER_MODES),
+            worker_lease=env.number("ENGRAM_WORKER_LEASE", defaults.worker_lease, minimum=1),
+            worker_poll_interval=env.number(
+                "ENGRAM_WORKER_POLL_INTERVAL", defaults.worker_poll_interval, minimum=0.01
+            ),
         )
 
     @property
@@ -85,6 +117,12 @@ class _Env:
     def text(self, name: str, default: str) -> str:
         return self.optional(name) or default
 
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in allowed:
+            raise SettingsError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
+
     def number(self, name: str, default: float, minimum: float = 0.0) -> float:
         raw = self.optional(name)
         if raw is None:
@@ -93,11 +131,13 @@ class _Env:
             value = float(raw)
         except ValueError:
             raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+        if not math.isfinite(value):
+            raise SettingsError(f"{name} must be a finite number, got {raw!r}")
         if value < minimum:
             raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
         return value
 
-    def integer(self, name: str, default: int, minimum: int = 0) -> int:
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -107,4 +147,6 @@ class _Env:
             raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
         if value < minimum:
             raise SettingsError(f"{name} must be at least {minimum}, got {raw!r}")
+        if maximum is not None and value > maximum:
+            raise SettingsError(f"{name} must be at most {maximum}, got {raw!r}")
         return value

@@ -143,6 +143,8 @@ def base_settings(
         database_url=database_url,
         openai_base_url=f"{upstream.url}/v1",  # type: ignore[attr-defined]
         admin_key=ADMIN_KEY,
+        worker_poll_interval=0.05,
+        extraction_retry_base=0.05,
     )
 
 

@@ -9,6 +9,7 @@ from uuid import UUID
 
 import numpy as np
 
+from proxy.db.jobs import enqueue
 from proxy.db.pool import Pool
 
 
@@ -37,11 +38,15 @@ class RetrievalRecord:
 
 
 async def record_exchange(
-    pool: Pool, conversation: ConversationRecord, retrieval: RetrievalRecord
+    pool: Pool,
+    conversation: ConversationRecord,
+    retrieval: RetrievalRecord,
+    credentials_holder: str | None = None,
 ) -> None:
-    """Write both rows and count the injected memories' use, in one transaction.
+    """Write both rows, the extraction job if one is due, and count the memories' use.
 
-    Idempotent, so a retried write after an unclear failure never duplicates.
+    One transaction, idempotent: a retried write after an unclear failure never
+    duplicates. `credentials_holder` names the process holding the request's key.
     """
     async with pool.acquire() as connection, connection.transaction():
         inserted = await connection.fetchval(
@@ -78,6 +83,8 @@ async def record_exchange(
             retrieval.scores,
             retrieval.timings,
         )
+        if conversation.extraction_status == "pending":
+            await enqueue(connection, conversation.user_id, conversation.id, credentials_holder)
         if retrieval.memory_ids:
             await connection.execute(
                 """

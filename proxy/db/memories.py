@@ -9,7 +9,7 @@ from uuid import UUID
 
 import numpy as np
 
-from proxy.db.pool import Pool
+from proxy.db.pool import Connection, Pool, Record
 
 
 @dataclass(frozen=True)
@@ -64,57 +64,140 @@ async def search(
     return [MemoryHit(**dict(row)) for row in rows]
 
 
+# The nearest active memory of this user, leaving out `exclude` (a memory the
+# new one replaces must not swallow it as a duplicate).
+_NEAREST = """
+SELECT id, content, confidence, 1 - (embedding <=> $2) AS score
+FROM memories
+WHERE user_id = $1 AND superseded_by IS NULL AND id <> ALL($3::uuid[])
+ORDER BY embedding <=> $2
+LIMIT 1
+"""
+
+
 async def capture(
     pool: Pool, user_id: UUID, memory: NewMemory, dedup_threshold: float
 ) -> CaptureResult:
     """Store `memory`, or merge it into an exact or near duplicate of this user's."""
     async with pool.acquire() as connection, connection.transaction():
-        # Serialise captures per user so two near-duplicates cannot both be stored.
+        return await write_memory(connection, user_id, memory, dedup_threshold)
+
+
+async def write_memory(
+    connection: Connection,
+    user_id: UUID,
+    memory: NewMemory,
+    dedup_threshold: float,
+    updates: UUID | None = None,
+) -> CaptureResult:
+    """Inside the caller's transaction: merge into a duplicate, or insert.
+
+    With `updates`, the memory it names is superseded by the result and stops
+    being retrieved.
+    """
+    # Serialise writers per user so two near-duplicates cannot both be inserted.
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 0))", user_id
+    )
+    result = await _merge_into_duplicate(connection, user_id, memory, dedup_threshold, updates)
+    if result is None:
+        result = CaptureResult(await _insert(connection, user_id, memory), "stored")
+    if updates is not None:
         await connection.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text, 0))", user_id
-        )
-        exact = await connection.fetchval(
-            "SELECT id FROM memories WHERE user_id = $1 AND content_hash = $2",
-            user_id,
-            memory.content_hash,
-        )
-        if exact is not None:
-            await _merge(connection, exact, memory)
-            return CaptureResult(exact, "merged", 1.0)
-        near = await connection.fetchrow(_SEARCH, user_id, memory.embedding, 1, dedup_threshold)
-        if near is not None:
-            await _merge(connection, near["id"], memory)
-            return CaptureResult(near["id"], "merged", round(float(near["score"]), 6))
-        memory_id: UUID = await connection.fetchval(
             """
-            INSERT INTO memories (user_id, content, content_hash, embedding, kind, confidence,
-                                  metadata, occurred_at, source_conversation_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-            RETURNING id
+            UPDATE memories SET superseded_by = $3, updated_at = now()
+            WHERE user_id = $1 AND id = $2 AND id <> $3 AND superseded_by IS NULL
             """,
             user_id,
-            memory.content,
-            memory.content_hash,
-            memory.embedding,
-            memory.kind,
-            memory.confidence,
-            memory.metadata,
-            memory.occurred_at,
-            memory.source_conversation_id,
+            updates,
+            result.id,
         )
-        return CaptureResult(memory_id, "stored")
+    return result
 
 
-async def _merge(connection: Any, memory_id: UUID, memory: NewMemory) -> None:
+async def _merge_into_duplicate(
+    connection: Connection,
+    user_id: UUID,
+    memory: NewMemory,
+    dedup_threshold: float,
+    updates: UUID | None,
+) -> CaptureResult | None:
+    exact = await connection.fetchrow(
+        "SELECT id, content, confidence FROM memories WHERE user_id = $1 AND content_hash = $2",
+        user_id,
+        memory.content_hash,
+    )
+    if exact is not None:
+        await _merge(connection, exact, memory)
+        return CaptureResult(exact["id"], "merged", 1.0)
+    excluded = [updates] if updates is not None else []
+    near = await connection.fetchrow(_NEAREST, user_id, memory.embedding, excluded)
+    if near is None or near["score"] < dedup_threshold:
+        return None
+    await _merge(connection, near, memory)
+    return CaptureResult(near["id"], "merged", round(float(near["score"]), 6))
+
+
+async def _insert(connection: Connection, user_id: UUID, memory: NewMemory) -> UUID:
+    memory_id: UUID = await connection.fetchval(
+        """
+        INSERT INTO memories (user_id, content, content_hash, embedding, kind, confidence,
+                              metadata, occurred_at, source_conversation_id)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        RETURNING id
+        """,
+        user_id,
+        memory.content,
+        memory.content_hash,
+        memory.embedding,
+        memory.kind,
+        memory.confidence,
+        memory.metadata,
+        memory.occurred_at,
+        memory.source_conversation_id,
+    )
+    return memory_id
+
+
+def _better_phrasing(existing: Record, memory: NewMemory) -> bool:
+    """The newcomer replaces the wording when it is surer, or as sure and more specific."""
+    if memory.confidence != existing["confidence"]:
+        return memory.confidence > float(existing["confidence"])
+    return len(memory.content) > len(existing["content"])
+
+
+async def _merge(connection: Connection, existing: Record, memory: NewMemory) -> None:
+    """Raise the confidence of a memory said again, and keep the better wording."""
+    rephrase = _better_phrasing(existing, memory)
     await connection.execute(
         """
         UPDATE memories
-        SET confidence = GREATEST(confidence, $2),
+        SET confidence = LEAST(1, GREATEST(confidence, $2) + 0.05),
             metadata = metadata || $3,
+            content = CASE WHEN $4 THEN $5 ELSE content END,
+            content_hash = CASE WHEN $4 THEN $6 ELSE content_hash END,
+            embedding = CASE WHEN $4 THEN $7 ELSE embedding END,
             updated_at = now()
         WHERE id = $1
         """,
-        memory_id,
+        existing["id"],
         memory.confidence,
         memory.metadata,
+        rephrase,
+        memory.content,
+        memory.content_hash,
+        memory.embedding,
     )
+
+
+async def count_memories(pool: Pool, user_id: UUID) -> dict[str, int]:
+    row = await pool.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE superseded_by IS NULL) AS active,
+               count(*) FILTER (WHERE superseded_by IS NOT NULL) AS superseded
+        FROM memories WHERE user_id = $1
+        """,
+        user_id,
+    )
+    assert row is not None
+    return {"active": row["active"], "superseded": row["superseded"]}

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 from pgvector.asyncpg import register_vector
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"
 # Serialises schema application when several Engram processes start together.
 _SCHEMA_LOCK_ID = 0x656E6772  # "engr"
 
-Pool = asyncpg.Pool
+Pool: TypeAlias = asyncpg.Pool
+# What SQL functions take: a bare connection or one borrowed from the pool.
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+Record: TypeAlias = asyncpg.Record
 
 
 class ModelMismatchError(RuntimeError):

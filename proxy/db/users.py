@@ -13,7 +13,7 @@ from proxy.db.pool import Pool
 @dataclass(frozen=True)
 class UserSettings:
     max_memories_injected: int = 5
-    retrieval_threshold: float = 0.3
+    retrieval_threshold: float = 0.0
     dedup_threshold: float = 0.9
 
 

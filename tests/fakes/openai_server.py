@@ -20,6 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from proxy.extraction import PROMPT_MARKER
+
 
 @dataclass
 class Received:
@@ -41,6 +43,8 @@ class Scripted:
 
     status: int = 200
     body: dict[str, Any] | None = None
+    # Exact bytes to answer with (any status), for tests that compare bodies byte for byte.
+    raw: bytes | None = None
     content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     fail_mid_stream: bool = False
@@ -60,7 +64,13 @@ class FakeOpenAI:
         self.first_token_delay = first_token_delay
         self.token_interval = token_interval
         self.received: list[Received] = []
+        # Engram's extraction calls are kept apart from chat calls, answered from
+        # their own script ({"memories": []} when it is empty).
+        self.extraction_received: list[Received] = []
+        self._extraction_script: list[str | Scripted] = []
         self._script: list[Scripted] = []
+        # Headers of each GET /v1/models, to check which key reached the upstream.
+        self.models_received: list[dict[str, str]] = []
         self._lock = threading.Lock()
         self.app = Starlette(
             routes=[
@@ -73,10 +83,18 @@ class FakeOpenAI:
         with self._lock:
             self._script.extend(answers)
 
+    def script_extraction(self, *outputs: str | Scripted) -> None:
+        """Answers for the next extraction calls: the model's text, or a Scripted error."""
+        with self._lock:
+            self._extraction_script.extend(outputs)
+
     def reset(self) -> None:
         with self._lock:
             self.received.clear()
+            self.extraction_received.clear()
+            self._extraction_script.clear()
             self._script.clear()
+            self.models_received.clear()
 
     def last(self) -> Received:
         with self._lock:
@@ -87,14 +105,25 @@ class FakeOpenAI:
             return self._script.pop(0) if self._script else Scripted()
 
     async def _models(self, request: Request) -> Response:
+        with self._lock:
+            self.models_received.append(dict(request.headers))
         models = [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]
         return JSONResponse({"object": "list", "data": models})
 
     async def _chat(self, request: Request) -> Response:
         body = json.loads(await request.body())
+        if _is_extraction(body):
+            return self._extract(Received(dict(request.headers), body))
         with self._lock:
             self.received.append(Received(dict(request.headers), body))
         answer = self._next()
+        if answer.raw is not None:
+            return Response(
+                answer.raw,
+                status_code=answer.status,
+                media_type="application/json",
+                headers=answer.headers,
+            )
         if answer.status >= 400:
             error = answer.body or {"error": {"message": "fake failure", "type": "x", "code": None}}
             return JSONResponse(error, status_code=answer.status, headers=answer.headers)
@@ -108,6 +137,15 @@ class FakeOpenAI:
             )
         await asyncio.sleep(self.first_token_delay)
         return JSONResponse(self._completion(body, answer), headers={"x-request-id": "req_fake"})
+
+    def _extract(self, received: Received) -> Response:
+        with self._lock:
+            self.extraction_received.append(received)
+            output = self._extraction_script.pop(0) if self._extraction_script else None
+        if isinstance(output, Scripted):
+            return JSONResponse(output.body or {"error": {"message": "fake"}}, output.status)
+        content = output if output is not None else '{"memories": []}'
+        return JSONResponse(self._completion(received.body, Scripted(content=content)))
 
     def _completion(self, body: dict[str, Any], answer: Scripted) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": answer.content or self.reply}
@@ -166,3 +204,9 @@ class FakeOpenAI:
             usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
             yield b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
+
+
+def _is_extraction(body: dict[str, Any]) -> bool:
+    messages = body.get("messages") or [{}]
+    first = messages[0].get("content")
+    return isinstance(first, str) and first.startswith(PROMPT_MARKER)
