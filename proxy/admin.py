@@ -10,9 +10,9 @@ from starlette.responses import JSONResponse
 from proxy import keys
 from proxy.db.pool import Pool
 from proxy.db.users import EmailTaken, create_user_with_key
-from proxy.errors import AuthenticationFailed, BadRequest, Conflict, NotFound
+from proxy.errors import AuthenticationFailed, Conflict, NotFound
 from proxy.services import services
-from proxy.validation import json_object, text_field
+from proxy.validation import invalid_field, json_object, text_field
 
 MAX_EMAIL_CHARS = 320
 
@@ -45,5 +45,5 @@ async def create_user(request: Request) -> JSONResponse:
     body = await json_object(request)
     email = text_field(body, "email", MAX_EMAIL_CHARS)
     if "@" not in email:
-        raise BadRequest("email: must be an email address", param="email")
+        raise invalid_field("email", "must be an email address")
     return JSONResponse(await new_user(svc.pool, email), status_code=201)

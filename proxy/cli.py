@@ -15,9 +15,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy.app import create_app
-    from proxy.logs import configure_logging
 
-    configure_logging(settings.log_level)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -34,11 +32,12 @@ async def _create_user(settings: Settings, email: str) -> dict[str, str]:
     from proxy.db.pool import create_pool
     from proxy.services import database_url
 
-    pool = await create_pool(await database_url(settings), min_size=1, max_size=1)
-    try:
-        return await new_user(pool, email)
-    finally:
-        await pool.close()
+    async with database_url(settings) as dsn:
+        pool = await create_pool(dsn, min_size=1, max_size=1)
+        try:
+            return await new_user(pool, email)
+        finally:
+            await pool.close()
 
 
 def _users_create(settings: Settings, args: argparse.Namespace) -> int:
@@ -68,27 +67,27 @@ async def _work(settings: Settings) -> None:
             "the API process that received them: jobs will wait until one is configured",
             file=sys.stderr,
         )
-    pool = await create_pool(await database_url(settings))
-    embedder = await asyncio.to_thread(Embedder.load, settings.embedding_model, settings.models_dir)
-    client = upstream_client(settings)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
-    try:
-        providers = {name: make(settings, client) for name, make in PROVIDERS.items()}
-        vault = CredentialVault(settings.extraction_credentials_ttl)
-        worker = ExtractionWorker(pool, embedder, providers, settings, vault, "worker")
-        await worker.run(stopping)
-    finally:
-        await client.aclose()
-        await pool.close()
-        embedder.close()
+    async with database_url(settings) as dsn:
+        pool = await create_pool(dsn)
+        embedder = await asyncio.to_thread(
+            Embedder.load, settings.embedding_model, settings.models_dir
+        )
+        client = upstream_client(settings)
+        try:
+            providers = {name: make(settings, client) for name, make in PROVIDERS.items()}
+            vault = CredentialVault(settings.extraction_credentials_ttl)
+            worker = ExtractionWorker(pool, embedder, providers, settings, vault, "worker")
+            await worker.run(stopping)
+        finally:
+            await client.aclose()
+            await pool.close()
+            embedder.close()
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
-    from proxy.logs import configure_logging
-
-    configure_logging(settings.log_level)
     if settings.extraction == "off":
         print("engram worker: ENGRAM_EXTRACTION=off, nothing to do", file=sys.stderr)
         return 2
@@ -101,11 +100,12 @@ async def _job_stats(settings: Settings) -> dict[str, object]:
     from proxy.db.pool import create_pool
     from proxy.services import database_url
 
-    pool = await create_pool(await database_url(settings), min_size=1, max_size=1)
-    try:
-        return await job_stats(pool, None)
-    finally:
-        await pool.close()
+    async with database_url(settings) as dsn:
+        pool = await create_pool(dsn, min_size=1, max_size=1)
+        try:
+            return await job_stats(pool, None)
+        finally:
+            await pool.close()
 
 
 def _jobs(settings: Settings, args: argparse.Namespace) -> int:
@@ -151,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as error:
         print(f"engram: {error}", file=sys.stderr)
         return 2
+    from proxy.logs import configure_logging
+
+    # Logs go to stdout only where the process serves; commands print their answer there.
+    configure_logging(settings.log_level, None if args.run in (_serve, _worker) else sys.stderr)
     code: int = args.run(settings, args)
     return code
 

@@ -138,10 +138,19 @@ def provider_error_response(error: ProviderError) -> Response:
             error.body,
             status_code=error.status_code,
             headers=dict(error.headers),
-            media_type="application/json",
+            media_type=_relayed_media_type(error.body),
         )
     status, error_type, code = _provider_failure(error)
     return JSONResponse(error_body(error.message, error_type, code), status_code=status)
+
+
+def _relayed_media_type(body: bytes) -> str:
+    """An upstream error body is relayed as it came; it is called JSON only when it is."""
+    try:
+        json.loads(body)
+    except ValueError:
+        return "text/plain"
+    return "application/json"
 
 
 def provider_error_body(error: ProviderError) -> dict[str, Any]:

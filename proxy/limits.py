@@ -8,7 +8,10 @@ from proxy.errors import PayloadTooLarge, proxy_error_response
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"request body is larger than the limit of {limit} bytes")
+    return PayloadTooLarge(
+        f"request body is larger than the limit of {limit} bytes",
+        headers={"connection": "close"},
+    )
 
 
 class BodyLimitMiddleware:

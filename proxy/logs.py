@@ -83,7 +83,7 @@ class RequestLogMiddleware:
             if message["type"] == "http.response.start":
                 fields["status"] = message["status"]
                 headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
+                headers.append((b"x-engram-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -13,9 +13,8 @@ from proxy import memories
 from proxy.auth import Principal, authenticate_request
 from proxy.db.evidence import list_retrieval_logs
 from proxy.db.memories import MemoryHit
-from proxy.errors import BadRequest
 from proxy.services import Services, services
-from proxy.validation import json_object, number_field, text_field
+from proxy.validation import invalid_field, json_object, number_field, text_field
 
 MAX_CONTENT_CHARS = 8000
 MAX_QUERY_CHARS = 4000
@@ -40,8 +39,26 @@ def _timestamp(body: dict[str, Any], name: str) -> datetime | None:
     except ValueError:
         parsed = None
     if parsed is None:
-        raise BadRequest(f"{name}: must be an ISO 8601 date-time", param=name)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise invalid_field(name, "must be an ISO 8601 date-time")
+    try:  # in UTC, 0001-01-01T00:00+14:00 falls before the first year a datetime holds
+        return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except OverflowError:
+        raise invalid_field(name, "is outside the years 1 to 9999 in UTC") from None
+
+
+def _holds_nul(value: Any) -> bool:
+    """True when a string anywhere in `value` holds NUL, which PostgreSQL cannot store."""
+    pending = [value]  # a loop, not recursion: the JSON may nest as deep as the parser allowed
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 def _metadata(body: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +66,9 @@ def _metadata(body: dict[str, Any]) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise BadRequest("metadata: must be a JSON object", param="metadata")
+        raise invalid_field("metadata", "must be a JSON object")
+    if _holds_nul(value):
+        raise invalid_field("metadata", "must not contain NUL characters")
     return value
 
 
@@ -93,7 +112,7 @@ async def search(request: Request) -> JSONResponse:
     body = await json_object(request)
     limit = number_field(body, "limit", 10, 1, MAX_SEARCH_LIMIT)
     if limit != int(limit):
-        raise BadRequest("limit: must be a whole number", param="limit")
+        raise invalid_field("limit", "must be a whole number")
     hits = await memories.search(
         svc.pool,
         svc.embedder,
@@ -107,14 +126,17 @@ async def search(request: Request) -> JSONResponse:
 
 def _page_params(request: Request) -> tuple[int, uuid.UUID | None]:
     raw_limit = request.query_params.get("limit", "20")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LOG_PAGE:
-        raise BadRequest(f"limit: must be a whole number from 1 to {MAX_LOG_PAGE}", param="limit")
+    # isdigit() alone lets "²" or a 5000-digit string through to int(), which then raises.
+    plain = raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6
+    limit = int(raw_limit) if plain else 0
+    if not 1 <= limit <= MAX_LOG_PAGE:
+        raise invalid_field("limit", f"must be a whole number from 1 to {MAX_LOG_PAGE}")
     raw_before = request.query_params.get("before")
     try:
         before = uuid.UUID(raw_before) if raw_before else None
     except ValueError:
-        raise BadRequest("before: must be a retrieval log id", param="before") from None
-    return int(raw_limit), before
+        raise invalid_field("before", "must be a retrieval log id") from None
+    return limit, before
 
 
 async def retrieval_logs(request: Request) -> JSONResponse:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -20,7 +20,7 @@ from starlette.requests import Request
 from providers.base import Provider
 from providers.openai import OpenAIProvider
 from proxy.auth import Authenticator
-from proxy.db.embedded import start_embedded
+from proxy.db.embedded import start_embedded, stop_embedded
 from proxy.db.evidence import record_exchange
 from proxy.db.pool import Pool, claim_embedding_model, create_pool
 from proxy.db.users import fetch_key
@@ -59,11 +59,18 @@ def services(request: Request) -> Services:
     return cast(Services, request.state.services)
 
 
-async def database_url(settings: Settings) -> str:
-    """DATABASE_URL, or the embedded PostgreSQL kept under ENGRAM_HOME."""
+@asynccontextmanager
+async def database_url(settings: Settings) -> AsyncIterator[str]:
+    """DATABASE_URL, or the embedded PostgreSQL kept under ENGRAM_HOME while in use."""
     if settings.database_url:
-        return settings.database_url
-    return await start_embedded(settings.embedded_data_dir)
+        yield settings.database_url
+        return
+    uri = await start_embedded(settings.embedded_data_dir)
+    log.info("embedded_postgres_started", data_dir=str(settings.embedded_data_dir))
+    try:
+        yield uri
+    finally:
+        await stop_embedded(settings.embedded_data_dir)
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -81,43 +88,58 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
 async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Start the database, model, HTTP client, writer and worker; close them after."""
     settings.home.mkdir(parents=True, exist_ok=True)
-    pool = await create_pool(await database_url(settings))
-    embedder = await asyncio.to_thread(Embedder.load, settings.embedding_model, settings.models_dir)
-    client = upstream_client(settings)
-    recorder = EvidenceRecorder(partial(record_exchange, pool))
+    async with contextlib.AsyncExitStack() as stack:
+        pool = await create_pool(await stack.enter_async_context(database_url(settings)))
+        stack.push_async_callback(pool.close)
+        embedder = await asyncio.to_thread(
+            Embedder.load, settings.embedding_model, settings.models_dir
+        )
+        stack.callback(embedder.close)
+        await claim_embedding_model(pool, embedder.name)
+        client = upstream_client(settings)
+        stack.push_async_callback(client.aclose)
+        svc = _assemble(settings, pool, embedder, client)
+        svc.recorder.start()
+        stack.push_async_callback(svc.recorder.close, 10.0)
+        if svc.vault is not None:
+            stack.push_async_callback(_start_worker(svc), 10.0)
+        log.info("engram_ready", url=f"http://{settings.host}:{settings.port}",
+                 worker=settings.worker, extraction=settings.extraction)  # fmt: skip
+        yield svc
+
+
+def _assemble(
+    settings: Settings, pool: Pool, embedder: Embedder, client: httpx.AsyncClient
+) -> Services:
     inline_worker = settings.worker == "inline" and settings.extraction != "off"
-    providers = {name: make(settings, client) for name, make in PROVIDERS.items()}
-    svc = Services(
+    return Services(
         settings=settings,
         pool=pool,
         embedder=embedder,
         authenticator=Authenticator(
             partial(fetch_key, pool), settings.auth_cache_ttl, settings.auth_cache_size
         ),
-        providers=providers,
-        recorder=recorder,
+        providers={name: make(settings, client) for name, make in PROVIDERS.items()},
+        recorder=EvidenceRecorder(partial(record_exchange, pool)),
         instance_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         vault=CredentialVault(settings.extraction_credentials_ttl) if inline_worker else None,
     )
+
+
+def _start_worker(svc: Services) -> Callable[[float], Awaitable[None]]:
+    """Start the inline worker; returns what stops it."""
+    assert svc.vault is not None
+    worker = ExtractionWorker(
+        svc.pool, svc.embedder, svc.providers, svc.settings, svc.vault, svc.instance_id
+    )
     stopping = asyncio.Event()
-    worker_task: asyncio.Task[None] | None = None
-    try:
-        await claim_embedding_model(pool, embedder.name)
-        recorder.start()
-        if svc.vault is not None:
-            worker = ExtractionWorker(
-                pool, embedder, providers, settings, svc.vault, svc.instance_id
-            )
-            worker_task = asyncio.create_task(worker.run(stopping), name="extraction-worker")
-        yield svc
-    finally:
+    task = asyncio.create_task(worker.run(stopping), name="extraction-worker")
+
+    async def stop(grace_seconds: float) -> None:
         stopping.set()
-        await recorder.close(grace_seconds=10.0)
-        if worker_task is not None:
-            await stop_worker(worker_task, grace_seconds=10.0)
-        await client.aclose()
-        await pool.close()
-        embedder.close()
+        await stop_worker(task, grace_seconds)
+
+    return stop
 
 
 async def stop_worker(task: asyncio.Task[None], grace_seconds: float) -> None:

@@ -67,7 +67,8 @@ async def test_told_facts_are_injected_into_a_later_conversation(
                 "kind": "fact",
                 "confidence": 0.9,
             },
-        )
+        ),
+        when="moved to Lisbon",
     )
     user = engram.create_user()
     chat(engram, user, "I'm vegetarian, and I moved to Lisbon last month")
@@ -75,7 +76,7 @@ async def test_told_facts_are_injected_into_a_later_conversation(
     assert job["status"] == "done"
     assert job["memories_stored"] == 2
 
-    extraction_call = upstream.extraction_received[-1]
+    [extraction_call] = upstream.extractions_of("moved to Lisbon")
     assert extraction_call.headers["authorization"] == "Bearer sk-test-provider-key"
     assert extraction_call.body["model"] == "gpt-4o-mini"
 
@@ -107,7 +108,8 @@ async def test_a_changed_preference_supersedes_the_old_one(
                 "confidence": 0.9,
                 "updates": old["id"],
             },
-        )
+        ),
+        when="only drink green tea",
     )
     chat(engram, user, "I've given up coffee, I only drink green tea now")
     await job_of(db, user)
@@ -118,7 +120,8 @@ async def test_a_changed_preference_supersedes_the_old_one(
     )
     assert superseded_by is not None
     # The model was shown the old memory's id so that it could name it.
-    assert old["id"] in upstream.extraction_received[-1].body["messages"][1]["content"]
+    [call] = upstream.extractions_of("only drink green tea")
+    assert old["id"] in call.body["messages"][1]["content"]
     results = engram.post("/memories/search", user, {"query": "espresso coffee"}).json()
     assert old["id"] not in [hit["id"] for hit in results["results"]]
 
@@ -128,10 +131,12 @@ async def test_a_repeated_fact_merges(
 ) -> None:
     user = engram.create_user()
     fact = {"content": "The user has a dog named Rex.", "kind": "fact", "confidence": 0.7}
-    upstream.script_extraction(memories_json(fact))
+    upstream.script_extraction(memories_json(fact), when="Rex")
     chat(engram, user, "My dog Rex needs a walk")
     await job_of(db, user)
-    upstream.script_extraction(memories_json({**fact, "content": "The user has a dog called Rex."}))
+    upstream.script_extraction(
+        memories_json({**fact, "content": "The user has a dog called Rex."}), when="Rex"
+    )
     chat(engram, user, "Rex, my dog, is sleeping")
     await eventually(
         lambda: db.fetchval(
@@ -161,7 +166,8 @@ async def test_the_injected_block_and_system_prompt_are_never_extracted(
         )
     assert "teal" in upstream.last().system_text  # it was injected…
     await job_of(db, user)
-    prompt = upstream.extraction_received[-1].body["messages"][1]["content"]
+    [call] = upstream.extractions_of("What is my favourite colour?")
+    prompt = call.body["messages"][1]["content"]
     # Existing memories are shown apart, as candidates for "updates"; the
     # exchange itself must hold only the user's and assistant's turns.
     seen = prompt.split("<existing_memories>")[0]
@@ -176,7 +182,7 @@ async def test_malformed_output_is_retried_then_fails_visibly(
     upstream: FakeOpenAI,
     db: asyncpg.Connection,
 ) -> None:
-    upstream.script_extraction("not json at all", "still {not json")
+    upstream.script_extraction("not json at all", "still {not json", when="I live in Porto")
     with start_engram(extraction_max_attempts=2) as engram:
         user = engram.create_user()
         chat(engram, user, "I live in Porto")
@@ -186,7 +192,7 @@ async def test_malformed_output_is_retried_then_fails_visibly(
     assert job["attempts"] == 2
     assert job["raw_output"] == "still {not json"
     assert "malformed" in job["last_error"]
-    assert len(upstream.extraction_received) == 2
+    assert len(upstream.extractions_of("I live in Porto")) == 2
     status = await db.fetchval(
         "SELECT extraction_status FROM conversations WHERE id = $1", job["conversation_id"]
     )
@@ -211,7 +217,8 @@ async def test_instruction_like_output_is_refused_and_counted(
                 "confidence": 0.9,
             },
             {"content": "The user works as a nurse.", "kind": "fact", "confidence": 0.9},
-        )
+        ),
+        when="I work as a nurse",
     )
     user = engram.create_user()
     chat(engram, user, "I work as a nurse")
@@ -381,7 +388,8 @@ async def test_a_job_whose_credentials_are_gone_waits_for_a_server_model(
     upstream.script_extraction(
         memories_json(
             {"content": "The user is allergic to peanuts.", "kind": "fact", "confidence": 0.99}
-        )
+        ),
+        when="allergic to peanuts",
     )
     with start_engram(extraction_model="gpt-extractor", openai_api_key="sk-server-side"):
         job = await eventually(
@@ -391,7 +399,7 @@ async def test_a_job_whose_credentials_are_gone_waits_for_a_server_model(
             )
         )
     assert job["memories_stored"] == 1
-    call = upstream.extraction_received[-1]
+    [call] = upstream.extractions_of("allergic to peanuts")
     assert call.body["model"] == "gpt-extractor"
     assert call.headers["authorization"] == "Bearer sk-server-side"
 

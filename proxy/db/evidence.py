@@ -37,6 +37,18 @@ class RetrievalRecord:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def storable(value: Any) -> Any:
+    """`value` with NUL characters replaced: PostgreSQL text and jsonb cannot hold them,
+    and a request that carried one must still leave its evidence."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [storable(item) for item in value]
+    return value
+
+
 async def record_exchange(
     pool: Pool,
     conversation: ConversationRecord,
@@ -61,8 +73,8 @@ async def record_exchange(
             conversation.user_id,
             conversation.provider,
             conversation.model,
-            conversation.messages,
-            conversation.reply,
+            storable(conversation.messages),
+            storable(conversation.reply),
             conversation.status_code,
             conversation.extraction_status,
         )
@@ -77,7 +89,7 @@ async def record_exchange(
             retrieval.id,
             retrieval.user_id,
             retrieval.conversation_id,
-            retrieval.query_text,
+            storable(retrieval.query_text),
             retrieval.query_embedding,
             retrieval.memory_ids,
             retrieval.scores,

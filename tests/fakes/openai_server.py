@@ -67,7 +67,7 @@ class FakeOpenAI:
         # Engram's extraction calls are kept apart from chat calls, answered from
         # their own script ({"memories": []} when it is empty).
         self.extraction_received: list[Received] = []
-        self._extraction_script: list[str | Scripted] = []
+        self._extraction_script: list[tuple[str, str | Scripted]] = []
         self._script: list[Scripted] = []
         # Headers of each GET /v1/models, to check which key reached the upstream.
         self.models_received: list[dict[str, str]] = []
@@ -83,10 +83,19 @@ class FakeOpenAI:
         with self._lock:
             self._script.extend(answers)
 
-    def script_extraction(self, *outputs: str | Scripted) -> None:
-        """Answers for the next extraction calls: the model's text, or a Scripted error."""
+    def script_extraction(self, *outputs: str | Scripted, when: str) -> None:
+        """Answers for the next extraction calls whose exchange mentions `when`.
+
+        Each output is the model's text, or a Scripted error. Keyed by content
+        because jobs of earlier tests may still be calling while a test runs.
+        """
         with self._lock:
-            self._extraction_script.extend(outputs)
+            self._extraction_script.extend((when, output) for output in outputs)
+
+    def extractions_of(self, phrase: str) -> list[Received]:
+        """The extraction calls whose exchange mentions `phrase`."""
+        with self._lock:
+            return [call for call in self.extraction_received if phrase in _exchange_of(call)]
 
     def reset(self) -> None:
         with self._lock:
@@ -141,7 +150,13 @@ class FakeOpenAI:
     def _extract(self, received: Received) -> Response:
         with self._lock:
             self.extraction_received.append(received)
-            output = self._extraction_script.pop(0) if self._extraction_script else None
+            exchange = _exchange_of(received)
+            output = None
+            for index, (when, scripted) in enumerate(self._extraction_script):
+                if when in exchange:
+                    output = scripted
+                    del self._extraction_script[index]
+                    break
         if isinstance(output, Scripted):
             return JSONResponse(output.body or {"error": {"message": "fake"}}, output.status)
         content = output if output is not None else '{"memories": []}'
@@ -206,7 +221,31 @@ class FakeOpenAI:
         yield b"data: [DONE]\n\n"
 
 
+def _exchange_of(call: Received) -> str:
+    """The exchange part of an extraction prompt (existing memories left out)."""
+    prompt = str(call.messages[-1].get("content") or "")
+    return prompt.split("<existing_memories>")[0]
+
+
 def _is_extraction(body: dict[str, Any]) -> bool:
     messages = body.get("messages") or [{}]
     first = messages[0].get("content")
     return isinstance(first, str) and first.startswith(PROMPT_MARKER)
+
+
+if __name__ == "__main__":
+    # `python -m tests.fakes.openai_server [PORT]`: a stand-in upstream for trying Engram
+    # out without a provider account; it logs what it receives on stdout.
+    import sys
+
+    import uvicorn
+
+    fake = FakeOpenAI()
+
+    async def show(scope: Any, receive: Any, send: Any) -> None:
+        await fake.app(scope, receive, send)
+        if scope["type"] == "http" and fake.received:
+            print(json.dumps(fake.received[-1].body, indent=2), flush=True)
+            fake.received.clear()
+
+    uvicorn.run(show, port=int(sys.argv[1]) if len(sys.argv) > 1 else 9999, log_level="warning")
