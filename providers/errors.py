@@ -6,6 +6,9 @@
     ├── ProviderStatusError       the provider answered with an error status
     └── ProviderProtocolError     the provider answered with something unreadable
 
+    UnsupportedParameter          (a ValueError) a request field the provider cannot
+                                  honour; raised before anything is sent, a 400
+
 Every error names the provider and the host it was talking to, never a key.
 """
 
@@ -25,6 +28,15 @@ class ProviderError(Exception):
         self.provider = provider
         self.host = host
         self.message = message
+
+
+class UnsupportedParameter(ValueError):
+    """A request field a provider cannot honour; `param` names it as OpenAI's errors do.
+
+    Each adapter subclasses it with its own wording; the proxy answers 400.
+    """
+
+    param: str
 
 
 class ProviderUnreachable(ProviderError):

@@ -42,6 +42,7 @@ async def create_user(request: Request) -> JSONResponse:
     """POST /users {"email"} with Authorization: Bearer $ENGRAM_ADMIN_KEY."""
     svc = services(request)
     _require_admin(request, svc.settings.admin_key)
+    svc.health.require_up()
     body = await json_object(request)
     email = text_field(body, "email", MAX_EMAIL_CHARS)
     if "@" not in email:

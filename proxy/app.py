@@ -11,16 +11,25 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from proxy import admin, chat, memory_api, model_list, stats_api
+from proxy import admin, chat, keys_api, memory_api, model_list, stats_api
 from proxy.errors import EXCEPTION_HANDLERS
 from proxy.limits import BodyLimitMiddleware
 from proxy.logs import RequestLogMiddleware
-from proxy.services import open_services
+from proxy.services import open_services, services
 from proxy.settings import Settings
 
 
 async def healthz(request: Request) -> JSONResponse:
+    """The process is alive."""
     return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> JSONResponse:
+    """Ready to serve: 200 even when degraded, since passthrough still serves known keys."""
+    svc = services(request)
+    up = svc.health.up
+    body = {"status": "ready" if up else "degraded", "database": "up" if up else "down"}
+    return JSONResponse(body)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -40,7 +49,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/retrieval-logs", memory_api.retrieval_logs, methods=["GET"]),
         Route("/stats", stats_api.stats, methods=["GET"]),
         Route("/users", admin.create_user, methods=["POST"]),
+        Route("/keys", keys_api.list_keys, methods=["GET"]),
+        Route("/keys", keys_api.create_key, methods=["POST"]),
+        Route("/keys/{key_id}", keys_api.revoke_key, methods=["DELETE"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
     ]
     middleware = [
         Middleware(RequestLogMiddleware),

@@ -48,23 +48,21 @@ def _bearer(headers: Mapping[str, str]) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def credentials_from_headers(
-    headers: Mapping[str, str], server_provider_key: str | None
-) -> Credentials:
+def credentials_from_headers(headers: Mapping[str, str]) -> Credentials:
     """Split X-Engram-Key / Authorization into the Engram key and the provider key.
 
-    `X-Engram-Key` carries the Engram key, and any Authorization bearer is then
-    the provider's. Without it the bearer must be an `egm_` key, and the server's
-    provider key (if any) is used upstream.
+    `X-Engram-Key` carries the Engram key, and any other Authorization bearer
+    is then the provider's (BYOK). Without it the bearer must be an `egm_` key,
+    and the server's provider key (if any) will be used upstream.
     """
     bearer = _bearer(headers)
     engram_key = headers.get("x-engram-key", "").strip()
     if engram_key:
         if bearer is not None and not keys.looks_like_engram_key(bearer):
             return Credentials(engram_key, bearer)
-        return Credentials(engram_key, server_provider_key)
+        return Credentials(engram_key)
     if bearer is not None and keys.looks_like_engram_key(bearer):
-        return Credentials(bearer, server_provider_key)
+        return Credentials(bearer)
     raise AuthenticationFailed(
         "missing Engram API key: send it in X-Engram-Key (or as Authorization: Bearer egm_… "
         "when the server holds the provider key)",
@@ -80,10 +78,10 @@ def check_user_header(headers: Mapping[str, str], principal: Principal) -> None:
 
 
 async def authenticate_request(
-    authenticator: Authenticator, headers: Mapping[str, str], server_provider_key: str | None
+    authenticator: Authenticator, headers: Mapping[str, str]
 ) -> tuple[Principal, Credentials]:
-    """The caller of a request and the provider key to use on its behalf."""
-    credentials = credentials_from_headers(headers, server_provider_key)
+    """The caller of a request, and the provider key it brought (BYOK), if any."""
+    credentials = credentials_from_headers(headers)
     principal = await authenticator.authenticate(credentials.engram_key)
     check_user_header(headers, principal)
     return principal, credentials

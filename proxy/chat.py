@@ -18,12 +18,13 @@ from providers.errors import ProviderError
 from providers.types import ChatRequest
 from proxy import sse
 from proxy.auth import Principal, authenticate_request
-from proxy.db.evidence import ConversationRecord, RetrievalRecord
+from proxy.db.evidence import ConversationRecord, Exchange, RetrievalRecord
+from proxy.db.pool import is_outage
 from proxy.errors import BadRequest, provider_error_body, provider_error_status
 from proxy.injection import inject
 from proxy.logs import request_fields
-from proxy.recorder import Exchange
 from proxy.retrieval import Retrieval, query_text, retrieve
+from proxy.routing import choose_provider
 from proxy.services import Services, services
 from proxy.validation import chat_request, json_object
 from proxy.vault import RequestCredentials
@@ -75,13 +76,14 @@ class ChatExchange:
     disable_extraction: bool
     stopwatch: Stopwatch
     provider_key: str | None = field(default=None, repr=False)
+    mode: str = "full"  # "passthrough" while the database is away
     conversation_id: uuid.UUID = field(default_factory=uuid.uuid4)
     retrieval_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
     def engram_headers(self) -> dict[str, str]:
         headers = {
             "x-engram-memories-injected": str(len(self.retrieval.hits)),
-            "x-engram-mode": "full",
+            "x-engram-mode": self.mode,
         }
         if self.retrieval.hits:
             headers["x-engram-retrieval-id"] = str(self.retrieval_id)
@@ -120,35 +122,53 @@ async def chat_completions(request: Request) -> Response:
     """The OpenAI chat endpoint with memory: see DESIGN.md, "The request path"."""
     svc = services(request)
     stopwatch = Stopwatch()
-    principal, credentials = await authenticate_request(
-        svc.authenticator, request.headers, svc.settings.openai_api_key
-    )
+    principal, credentials = await authenticate_request(svc.authenticator, request.headers)
     stopwatch.mark("auth_ms", stopwatch.started)
     body = chat_request(await json_object(request), svc.settings.max_messages)
     disable_injection = flag(request.headers, "x-engram-disable-injection")
-    provider = svc.providers["openai"]
+    name, model = choose_provider(
+        request.headers, body["model"], svc.settings.default_provider, svc.providers
+    )
+    provider, body = svc.providers[name], {**body, "model": model}
+    provider_key = credentials.provider_key or svc.settings.server_key(name)
     request_fields().update(
         user_id=str(principal.user_id), provider=provider.name, model=body["model"],
         stream=bool(body.get("stream")),
     )  # fmt: skip
-    if disable_injection:
-        retrieval = Retrieval(query_text(body["messages"]), None, [])
-    else:
-        retrieval = await retrieve(
-            svc.embedder, svc.pool, principal.user_id, principal.settings, body["messages"]
-        )
-        stopwatch.splits.update(embed_ms=retrieval.embed_ms, retrieve_ms=retrieval.retrieve_ms)
-    request_fields()["memories_injected"] = len(retrieval.hits)
+    retrieval, mode = await _memories_for(svc, principal, body, disable_injection)
+    stopwatch.splits.update(embed_ms=retrieval.embed_ms, retrieve_ms=retrieval.retrieve_ms)
+    request_fields().update(memories_injected=len(retrieval.hits), mode=mode)
     exchange = ChatExchange(
         svc, principal, provider, body, retrieval,
-        flag(request.headers, "x-engram-disable-extraction"), stopwatch, credentials.provider_key,
+        flag(request.headers, "x-engram-disable-extraction"), stopwatch, provider_key, mode,
     )  # fmt: skip
     messages = inject(body["messages"], [hit.content for hit in retrieval.hits])
-    call = ChatCall({**body, "messages": messages}, credentials.provider_key,
+    call = ChatCall({**body, "messages": messages}, provider_key,
                     forwarded_headers(request.headers))  # fmt: skip
     if body.get("stream"):
         return await _streamed(exchange, call)
     return await _complete(exchange, call)
+
+
+async def _memories_for(
+    svc: Services, principal: Principal, body: ChatRequest, disabled: bool
+) -> tuple[Retrieval, str]:
+    """The memories to inject, and the mode: passthrough (none) while the database is away."""
+    unretrieved = Retrieval(query_text(body["messages"]), None, [])
+    if disabled:
+        return unretrieved, "full"
+    if not svc.health.up:
+        return unretrieved, "passthrough"
+    try:
+        retrieval = await retrieve(
+            svc.embedder, svc.pool, principal.user_id, principal.settings, body["messages"]
+        )
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        svc.health.mark_down(error)  # the key was verified already: serve it in passthrough
+        return unretrieved, "passthrough"
+    return retrieval, "full"
 
 
 async def _complete(exchange: ChatExchange, call: ChatCall) -> Response:

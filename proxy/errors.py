@@ -20,6 +20,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
+import asyncpg
 import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,7 +31,9 @@ from providers.errors import (
     ProviderProtocolError,
     ProviderStatusError,
     ProviderTimeout,
+    UnsupportedParameter,
 )
+from proxy.db.pool import is_outage
 
 ErrorType = Literal[
     "invalid_request_error",
@@ -206,6 +209,31 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
+async def handle_unsupported(request: Request, exc: Exception) -> Response:
+    """A field the chosen provider cannot honour: refused, never silently dropped."""
+    assert isinstance(exc, UnsupportedParameter)
+    error = BadRequest(str(exc), param=exc.param, code="unsupported_parameter")
+    return proxy_error_response(error)
+
+
+def database_unavailable() -> ServiceUnavailable:
+    return ServiceUnavailable(
+        "the database is unreachable; try again shortly",
+        code="database_unavailable",
+        headers={"retry-after": "5"},
+    )
+
+
+async def handle_outage(request: Request, exc: Exception) -> Response:
+    """A database that cannot be reached: degraded mode, and a 503 with Retry-After."""
+    if not is_outage(exc):
+        return await handle_unexpected(request, exc)
+    health = getattr(getattr(request.state, "services", None), "health", None)
+    if health is not None:
+        health.mark_down(exc)
+    return proxy_error_response(database_unavailable())
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled_error", error_class=type(exc).__name__)
     body = error_body("internal error in Engram", "server_error", "internal_error")
@@ -216,5 +244,9 @@ EXCEPTION_HANDLERS = {
     ProxyError: handle_proxy_error,
     ProviderError: handle_provider_error,
     HTTPException: handle_http_exception,
+    UnsupportedParameter: handle_unsupported,
+    OSError: handle_outage,
+    asyncpg.PostgresConnectionError: handle_outage,
+    asyncpg.InterfaceError: handle_outage,
     Exception: handle_unexpected,
 }

@@ -24,9 +24,8 @@ MAX_LOG_PAGE = 100
 
 async def _caller(request: Request) -> tuple[Services, Principal]:
     svc = services(request)
-    principal, _ = await authenticate_request(
-        svc.authenticator, request.headers, svc.settings.openai_api_key
-    )
+    principal, _ = await authenticate_request(svc.authenticator, request.headers)
+    svc.health.require_up()
     return svc, principal
 
 

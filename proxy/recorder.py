@@ -1,7 +1,9 @@
-"""Writes each call's evidence (conversation + retrieval log) after the answer, never dropping it.
+"""Writes each call's evidence after the answer, and loses none of it.
 
-The chat path only enqueues; one background task writes, retrying with backoff
-while the database is unavailable. On shutdown it drains what is queued.
+The chat path only enqueues. One background task writes each exchange (its
+conversation row, retrieval log and extraction job) to the database; while the
+database is away it appends the exchange to the local journal instead, and
+replays the journal once the database is back. On shutdown it drains.
 """
 
 from __future__ import annotations
@@ -9,36 +11,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import structlog
 
-from proxy.db.evidence import ConversationRecord, RetrievalRecord
+from proxy.db.evidence import Exchange
 from proxy.db.pool import is_outage
+from proxy.health import DatabaseHealth
+from proxy.journal import Journal
 
 log = structlog.get_logger("engram.recorder")
 
-Writer = Callable[[ConversationRecord, RetrievalRecord, str | None], Awaitable[None]]
+Writer = Callable[[Exchange], Awaitable[None]]
 
-
-@dataclass(frozen=True)
-class Exchange:
-    conversation: ConversationRecord
-    retrieval: RetrievalRecord
-    credentials_holder: str | None = None  # the process whose memory holds the request's key
+_MAX_REFUSED_WRITES = 3
+_REPLAY_INTERVAL = 0.5
 
 
 class EvidenceRecorder:
-    """A queue of exchanges and the task that writes them."""
+    """A queue of exchanges and the tasks that write and replay them."""
 
-    def __init__(self, write: Writer, max_backoff: float = 5.0) -> None:
+    def __init__(self, write: Writer, journal: Journal, health: DatabaseHealth) -> None:
         self._write = write
-        self._max_backoff = max_backoff
+        self._journal = journal
+        self._health = health
         self._queue: asyncio.Queue[Exchange] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="evidence-recorder")
+        self._tasks = [
+            asyncio.create_task(self._run(), name="evidence-recorder"),
+            asyncio.create_task(self._replay_forever(), name="journal-replay"),
+        ]
 
     def submit(self, exchange: Exchange) -> None:
         self._queue.put_nowait(exchange)
@@ -48,7 +51,7 @@ class EvidenceRecorder:
         return self._queue.qsize()
 
     async def flush(self) -> None:
-        """Wait until everything submitted so far is written."""
+        """Wait until everything submitted so far is written or journaled."""
         await self._queue.join()
 
     async def close(self, grace_seconds: float) -> None:
@@ -57,47 +60,65 @@ class EvidenceRecorder:
             await asyncio.wait_for(self.flush(), grace_seconds)
         except TimeoutError:
             log.error("evidence_not_written", exchanges=self.pending)
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+
+    async def replay(self) -> int:
+        """Write the journaled exchanges to the database; how many there were."""
+        exchanges = await asyncio.to_thread(lambda: list(self._journal.take()))
+        for exchange in exchanges:
+            try:
+                await self._write(exchange)  # idempotent: a cut-short replay runs again
+            except Exception as error:
+                if is_outage(error):
+                    raise  # the file stays; the next recovery replays it again
+                log.warning("journal_entry_refused", error_class=type(error).__name__,
+                            conversation_id=str(exchange.conversation.id))  # fmt: skip
+        await asyncio.to_thread(self._journal.done)
+        if exchanges:
+            log.info("journal_replayed", exchanges=len(exchanges))
+        return len(exchanges)
 
     async def _run(self) -> None:
         while True:
             exchange = await self._queue.get()
             try:
-                await self._write_with_retry(exchange)
+                await self._store(exchange)
             finally:
                 self._queue.task_done()
 
-    async def _write_with_retry(self, exchange: Exchange) -> None:
-        delay, failures = 0.05, 0
-        while True:
+    async def _store(self, exchange: Exchange) -> None:
+        for attempt in range(1, _MAX_REFUSED_WRITES + 1):
+            if not self._health.up:
+                break
             try:
-                await self._write(
-                    exchange.conversation, exchange.retrieval, exchange.credentials_holder
-                )
+                await self._write(exchange)
                 return
             except Exception as error:
-                failures += 1
-                outage = is_outage(error)
-                if not outage and failures >= _MAX_REFUSED_WRITES:
-                    # The database answers but refuses the rows (say, the user was
-                    # deleted meanwhile): retrying cannot help and would block the queue.
-                    log.error(
-                        "evidence_refused",
-                        conversation_id=str(exchange.conversation.id),
-                        error_class=type(error).__name__,
-                    )
+                if is_outage(error):
+                    self._health.mark_down(error)
+                    break
+                # The database answers but refuses the rows (say, the user was
+                # deleted meanwhile): a few tries, then it cannot be helped.
+                log.warning("evidence_refused", conversation_id=str(exchange.conversation.id),
+                            error_class=type(error).__name__, attempt=attempt)  # fmt: skip
+                if attempt == _MAX_REFUSED_WRITES:
                     return
-                log.warning(
-                    "evidence_write_retry",
-                    conversation_id=str(exchange.conversation.id),
-                    error_class=type(error).__name__,
-                    retry_in_s=delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._max_backoff)
+                await asyncio.sleep(0.05 * attempt)
+        if not await asyncio.to_thread(self._journal.append, exchange):
+            log.error("evidence_lost", conversation_id=str(exchange.conversation.id))
 
-
-_MAX_REFUSED_WRITES = 3
+    async def _replay_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_REPLAY_INTERVAL)
+            if not self._health.up or not self._journal.has_entries():
+                continue
+            try:
+                await self.replay()
+            except Exception as error:
+                if is_outage(error):
+                    self._health.mark_down(error)
+                else:
+                    log.exception("journal_replay_failed", error_class=type(error).__name__)

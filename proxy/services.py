@@ -14,17 +14,22 @@ from functools import partial
 from typing import cast
 
 import httpx
+import ollama
 import structlog
 from starlette.requests import Request
 
 from providers.base import Provider
+from providers.gemini import GeminiProvider
+from providers.ollama import OllamaProvider
 from providers.openai import OpenAIProvider
 from proxy.auth import Authenticator
 from proxy.db.embedded import start_embedded, stop_embedded
 from proxy.db.evidence import record_exchange
 from proxy.db.pool import Pool, claim_embedding_model, create_pool
-from proxy.db.users import fetch_key
+from proxy.db.users import KeyRecord, fetch_key
 from proxy.embeddings import Embedder
+from proxy.health import DatabaseHealth
+from proxy.journal import Journal
 from proxy.recorder import EvidenceRecorder
 from proxy.settings import Settings
 from proxy.vault import CredentialVault
@@ -37,6 +42,13 @@ ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
 # Every upstream Engram can call, by the name a request selects it with.
 PROVIDERS: dict[str, ProviderFactory] = {
     "openai": lambda settings, client: OpenAIProvider(client, settings.openai_base_url),
+    "ollama": lambda settings, client: OllamaProvider(
+        ollama.AsyncClient(host=settings.ollama_base_url, timeout=client.timeout),
+        settings.ollama_base_url,
+    ),
+    "gemini": lambda settings, client: GeminiProvider(
+        client, base_url=settings.gemini_base_url, default_api_key=settings.gemini_api_key
+    ),
 }
 
 
@@ -45,6 +57,7 @@ class Services:
     settings: Settings
     pool: Pool
     embedder: Embedder
+    health: DatabaseHealth
     authenticator: Authenticator
     providers: Mapping[str, Provider]
     recorder: EvidenceRecorder
@@ -99,10 +112,12 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         client = upstream_client(settings)
         stack.push_async_callback(client.aclose)
         svc = _assemble(settings, pool, embedder, client)
+        await svc.recorder.replay()  # exchanges journaled before a restart
         svc.recorder.start()
-        stack.push_async_callback(svc.recorder.close, 10.0)
+        stack.push_async_callback(svc.recorder.close, settings.shutdown_grace)
+        stack.push_async_callback(_cancel, asyncio.create_task(svc.health.run_probe()))
         if svc.vault is not None:
-            stack.push_async_callback(_start_worker(svc), 10.0)
+            stack.push_async_callback(_start_worker(svc), settings.shutdown_grace)
         log.info("engram_ready", url=f"http://{settings.host}:{settings.port}",
                  worker=settings.worker, extraction=settings.extraction)  # fmt: skip
         yield svc
@@ -112,18 +127,34 @@ def _assemble(
     settings: Settings, pool: Pool, embedder: Embedder, client: httpx.AsyncClient
 ) -> Services:
     inline_worker = settings.worker == "inline" and settings.extraction != "off"
+    health = DatabaseHealth(partial(pool.fetchval, "SELECT 1"))
+
+    async def fetch_key_within_budget(key_id: str) -> KeyRecord | None:
+        return await health.guard(partial(fetch_key, pool, key_id), settings.auth_db_timeout)
+
     return Services(
         settings=settings,
         pool=pool,
         embedder=embedder,
+        health=health,
         authenticator=Authenticator(
-            partial(fetch_key, pool), settings.auth_cache_ttl, settings.auth_cache_size
+            fetch_key_within_budget, settings.auth_cache_ttl, settings.auth_cache_size
         ),
         providers={name: make(settings, client) for name, make in PROVIDERS.items()},
-        recorder=EvidenceRecorder(partial(record_exchange, pool)),
+        recorder=EvidenceRecorder(
+            partial(record_exchange, pool),
+            Journal(settings.journal_dir, settings.journal_max_bytes),
+            health,
+        ),
         instance_id=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
         vault=CredentialVault(settings.extraction_credentials_ttl) if inline_worker else None,
     )
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def _start_worker(svc: Services) -> Callable[[float], Awaitable[None]]:

@@ -11,6 +11,7 @@ from pathlib import Path
 OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-int8"
 EXTRACTION_MODES = ("llm", "raw", "off")
 WORKER_MODES = ("inline", "off")
+PROVIDER_NAMES = ("openai", "ollama", "gemini")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -35,6 +36,10 @@ class Settings:
     max_messages: int = 2048
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openai_api_key: str | None = field(default=None, repr=False)
+    default_provider: str = "openai"
+    ollama_base_url: str = "http://localhost:11434"
+    gemini_api_key: str | None = field(default=None, repr=False)
+    gemini_base_url: str | None = None
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
     log_level: str = "info"
@@ -47,6 +52,9 @@ class Settings:
     worker: str = "inline"  # inline | off
     worker_lease: float = 60.0
     worker_poll_interval: float = 0.5
+    auth_db_timeout: float = 0.5
+    journal_max_bytes: int = 64 * 1024 * 1024
+    shutdown_grace: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +75,12 @@ class Settings:
             max_messages=env.integer("ENGRAM_MAX_MESSAGES", defaults.max_messages, minimum=1),
             openai_base_url=env.text("OPENAI_BASE_URL", defaults.openai_base_url).rstrip("/"),
             openai_api_key=env.optional("OPENAI_API_KEY"),
+            default_provider=env.choice(
+                "ENGRAM_DEFAULT_PROVIDER", defaults.default_provider, PROVIDER_NAMES
+            ),
+            ollama_base_url=env.text("OLLAMA_BASE_URL", defaults.ollama_base_url).rstrip("/"),
+            gemini_api_key=env.optional("GEMINI_API_KEY"),
+            gemini_base_url=env.optional("GEMINI_BASE_URL"),
             upstream_connect_timeout=env.number(
                 "ENGRAM_UPSTREAM_CONNECT_TIMEOUT", defaults.upstream_connect_timeout
             ),
@@ -75,8 +89,8 @@ class Settings:
             ),
             log_level=env.choice("ENGRAM_LOG_LEVEL", defaults.log_level, LOG_LEVELS),
             extraction=env.choice("ENGRAM_EXTRACTION", defaults.extraction, EXTRACTION_MODES),
-            extraction_provider=env.text(
-                "ENGRAM_EXTRACTION_PROVIDER", defaults.extraction_provider
+            extraction_provider=env.choice(
+                "ENGRAM_EXTRACTION_PROVIDER", defaults.extraction_provider, PROVIDER_NAMES
             ),
             extraction_model=env.optional("ENGRAM_EXTRACTION_MODEL"),
             extraction_max_attempts=env.integer(
@@ -93,6 +107,13 @@ class Settings:
             worker_poll_interval=env.number(
                 "ENGRAM_WORKER_POLL_INTERVAL", defaults.worker_poll_interval, minimum=0.01
             ),
+            auth_db_timeout=env.number(
+                "ENGRAM_AUTH_DB_TIMEOUT", defaults.auth_db_timeout, minimum=0.01
+            ),
+            journal_max_bytes=env.integer(
+                "ENGRAM_JOURNAL_MAX_BYTES", defaults.journal_max_bytes, minimum=1024
+            ),
+            shutdown_grace=env.number("ENGRAM_SHUTDOWN_GRACE", defaults.shutdown_grace),
         )
 
     @property
@@ -102,6 +123,14 @@ class Settings:
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    def server_key(self, provider: str) -> str | None:
+        """The provider key the server holds for `provider`, if any."""
+        return {"openai": self.openai_api_key, "gemini": self.gemini_api_key}.get(provider)
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.home / "journal"
 
 
 @dataclass(frozen=True)

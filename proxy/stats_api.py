@@ -13,9 +13,8 @@ from proxy.services import services
 
 async def stats(request: Request) -> JSONResponse:
     svc = services(request)
-    principal, _ = await authenticate_request(
-        svc.authenticator, request.headers, svc.settings.openai_api_key
-    )
+    principal, _ = await authenticate_request(svc.authenticator, request.headers)
+    svc.health.require_up()
     body = await job_stats(svc.pool, principal.user_id)
     body["memories"] = await count_memories(svc.pool, principal.user_id)
     return JSONResponse(body)

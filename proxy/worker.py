@@ -58,12 +58,8 @@ def server_credentials(settings: Settings) -> RequestCredentials | None:
     """The server-side extraction model and key, when ENGRAM_EXTRACTION_MODEL is set."""
     if settings.extraction_model is None:
         return None
-    keys = {"openai": settings.openai_api_key}
-    return RequestCredentials(
-        settings.extraction_provider,
-        settings.extraction_model,
-        keys.get(settings.extraction_provider),
-    )
+    provider = settings.extraction_provider
+    return RequestCredentials(provider, settings.extraction_model, settings.server_key(provider))
 
 
 class ExtractionWorker:

@@ -49,17 +49,21 @@ def storable(value: Any) -> Any:
     return value
 
 
-async def record_exchange(
-    pool: Pool,
-    conversation: ConversationRecord,
-    retrieval: RetrievalRecord,
-    credentials_holder: str | None = None,
-) -> None:
+@dataclass(frozen=True)
+class Exchange:
+    """One proxied call's evidence, as the recorder writes (or journals) it."""
+
+    conversation: ConversationRecord
+    retrieval: RetrievalRecord
+    credentials_holder: str | None = None  # the process whose memory holds the request's key
+
+
+async def record_exchange(pool: Pool, exchange: Exchange) -> None:
     """Write both rows, the extraction job if one is due, and count the memories' use.
 
-    One transaction, idempotent: a retried write after an unclear failure never
-    duplicates. `credentials_holder` names the process holding the request's key.
+    One transaction, idempotent: a retried or replayed write never duplicates.
     """
+    conversation, retrieval = exchange.conversation, exchange.retrieval
     async with pool.acquire() as connection, connection.transaction():
         inserted = await connection.fetchval(
             """
@@ -96,7 +100,9 @@ async def record_exchange(
             retrieval.timings,
         )
         if conversation.extraction_status == "pending":
-            await enqueue(connection, conversation.user_id, conversation.id, credentials_holder)
+            await enqueue(
+                connection, conversation.user_id, conversation.id, exchange.credentials_holder
+            )
         if retrieval.memory_ids:
             await connection.execute(
                 """

@@ -14,6 +14,8 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"
 # Serialises schema application when several Engram processes start together.
 _SCHEMA_LOCK_ID = 0x656E6772  # "engr"
 
+CONNECT_TIMEOUT_SECONDS = 2.0
+
 Pool: TypeAlias = asyncpg.Pool
 # What SQL functions take: a bare connection or one borrowed from the pool.
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
@@ -50,7 +52,11 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Poo
     """A pool whose connections know the vector and jsonb types."""
     await apply_schema(dsn)
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        timeout=CONNECT_TIMEOUT_SECONDS,  # a database that is away must fail fast
     )
     assert pool is not None
     return pool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -71,3 +72,38 @@ async def fetch_key(pool: Pool, key_id: str) -> KeyRecord | None:
         row["max_memories_injected"], row["retrieval_threshold"], row["dedup_threshold"]
     )
     return KeyRecord(row["key_id"], row["user_id"], row["secret_hash"], row["revoked"], settings)
+
+
+async def add_key(pool: Pool, user_id: UUID, key_id: str, secret_hash: str, name: str) -> None:
+    await pool.execute(
+        "INSERT INTO api_keys (key_id, user_id, name, secret_hash) VALUES ($1, $2, $3, $4)",
+        key_id,
+        user_id,
+        name,
+        secret_hash,
+    )
+
+
+async def list_keys(pool: Pool, user_id: UUID) -> list[dict[str, Any]]:
+    """The user's keys without their hashes, newest first."""
+    rows = await pool.fetch(
+        """
+        SELECT key_id, name, created_at, last_used_at, revoked_at FROM api_keys
+        WHERE user_id = $1 ORDER BY created_at DESC
+        """,
+        user_id,
+    )
+    return [dict(row) for row in rows]
+
+
+async def revoke_key(pool: Pool, user_id: UUID, key_id: str) -> bool:
+    """Revoke one of the user's keys; False when the user has no such key."""
+    revoked = await pool.fetchval(
+        """
+        UPDATE api_keys SET revoked_at = COALESCE(revoked_at, now())
+        WHERE user_id = $1 AND key_id = $2 RETURNING true
+        """,
+        user_id,
+        key_id,
+    )
+    return bool(revoked)
