@@ -12,8 +12,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from proxy import admin, chat, keys_api, memory_api, model_list, stats_api
-from proxy.errors import EXCEPTION_HANDLERS
-from proxy.limits import BodyLimitMiddleware
+from proxy.errors import EXCEPTION_HANDLERS, UnexpectedErrorMiddleware
+from proxy.limits import RequestLimitsMiddleware
 from proxy.logs import RequestLogMiddleware
 from proxy.services import open_services, services
 from proxy.settings import Settings
@@ -57,7 +57,12 @@ def create_app(settings: Settings) -> Starlette:
     ]
     middleware = [
         Middleware(RequestLogMiddleware),
-        Middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes),
+        Middleware(UnexpectedErrorMiddleware),
+        Middleware(
+            RequestLimitsMiddleware,
+            max_body_bytes=settings.max_body_bytes,
+            body_deadline=settings.request_body_timeout,
+        ),
     ]
     return Starlette(
         routes=routes,

@@ -73,7 +73,7 @@ def credentials_from_headers(headers: Mapping[str, str]) -> Credentials:
 def check_user_header(headers: Mapping[str, str], principal: Principal) -> None:
     """X-Engram-User-ID, when sent, must name the key's own user."""
     claimed = headers.get("x-engram-user-id", "").strip()
-    if claimed and claimed != str(principal.user_id):
+    if claimed and claimed.lower() != str(principal.user_id):
         raise PermissionDenied("X-Engram-User-ID does not match the user of this API key")
 
 

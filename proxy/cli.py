@@ -22,7 +22,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=settings.port,
         access_log=False,  # Engram writes its own line per request, without secrets
         log_config=None,
-        timeout_graceful_shutdown=30,
+        # In-flight streams get this long after SIGTERM; then the lifespan flushes
+        # pending writes and releases the worker's job.
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
     )
     return 0
 

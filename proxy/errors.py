@@ -6,7 +6,9 @@
     ├── PermissionDenied        403  X-Engram-User-ID names another user
     ├── NotFound                404  no such route, or not this user's object
     ├── Conflict                409  the object exists already (a user's email)
+    ├── RequestTimeout          408  body not received within ENGRAM_REQUEST_BODY_TIMEOUT
     ├── PayloadTooLarge         413  body over ENGRAM_MAX_BODY_BYTES
+    ├── HeadersTooLarge         431  too many or too large request headers
     └── ServiceUnavailable      503  a part Engram needs is down
 
 ProviderErrors (providers.errors) map here too: an upstream's own error keeps
@@ -25,6 +27,7 @@ import structlog
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from providers.errors import (
     ProviderError,
@@ -109,6 +112,18 @@ class Conflict(ProxyError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "conflict"
+
+
+class RequestTimeout(ProxyError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
+class HeadersTooLarge(ProxyError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class PayloadTooLarge(ProxyError):
@@ -248,5 +263,37 @@ EXCEPTION_HANDLERS = {
     OSError: handle_outage,
     asyncpg.PostgresConnectionError: handle_outage,
     asyncpg.InterfaceError: handle_outage,
-    Exception: handle_unexpected,
+    asyncpg.exceptions.OperatorInterventionError: handle_outage,
 }
+
+
+class UnexpectedErrorMiddleware:
+    """Pure ASGI: any other exception becomes a 500 in the OpenAI shape.
+
+    Starlette's own catch-all answers and then re-raises, which makes the
+    server drop the client's keep-alive connection; this one answers and stops.
+    An exception after the response started cannot become a response: it is
+    raised on, and the server closes the connection.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await handle_unexpected(Request(scope, receive), exc)
+            await response(scope, receive, send)

@@ -55,6 +55,7 @@ class Settings:
     auth_db_timeout: float = 0.5
     journal_max_bytes: int = 64 * 1024 * 1024
     shutdown_grace: float = 30.0
+    request_body_timeout: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -114,6 +115,9 @@ class Settings:
                 "ENGRAM_JOURNAL_MAX_BYTES", defaults.journal_max_bytes, minimum=1024
             ),
             shutdown_grace=env.number("ENGRAM_SHUTDOWN_GRACE", defaults.shutdown_grace),
+            request_body_timeout=env.number(
+                "ENGRAM_REQUEST_BODY_TIMEOUT", defaults.request_body_timeout, minimum=0.1
+            ),
         )
 
     @property

@@ -40,6 +40,21 @@ def _encodable(body: dict[str, Any]) -> bool:
     return True
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """True when objects and arrays nest deeper than `limit` (walked without recursion)."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
 async def json_object(request: Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 saying what is wrong with it."""
     raw = await request.body()
@@ -51,6 +66,10 @@ async def json_object(request: Request) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
+    if _deeper_than(body, MAX_JSON_DEPTH):
+        raise BadRequest(
+            f"request body is nested deeper than {MAX_JSON_DEPTH} levels", code="invalid_json"
+        )
     if _SURROGATE_ESCAPE.search(raw) and not _encodable(body):
         raise BadRequest(
             "request body is not valid JSON: it holds an unpaired UTF-16 surrogate escape",

@@ -26,6 +26,9 @@ from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.serving import serve_in_thread
 
 ADMIN_KEY = "test-admin-key-0123456789"
+# Lines a test wants shown whatever happens (the chaos test's figures), printed
+# in pytest's closing summary.
+FIGURES: list[str] = []
 PROVIDER_KEY = "sk-test-provider-key"
 
 
@@ -201,3 +204,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         stream, start = logs
         report.sections.append(("engram logs", stream.getvalue()[start:]))
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

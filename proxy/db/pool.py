@@ -34,7 +34,8 @@ def is_outage(error: BaseException) -> bool:
         | TimeoutError
         | asyncpg.PostgresConnectionError
         | asyncpg.InterfaceError
-        | asyncpg.CannotConnectNowError,
+        # Shutting down, starting up, crashed, or a statement cancelled on timeout.
+        | asyncpg.exceptions.OperatorInterventionError,
     )
 
 

@@ -64,6 +64,9 @@ class FakeOpenAI:
         self.first_token_delay = first_token_delay
         self.token_interval = token_interval
         self.received: list[Received] = []
+        # Streams that ran to [DONE], and streams cut off (the client went away).
+        self.streams_finished = 0
+        self.streams_interrupted = 0
         # Engram's extraction calls are kept apart from chat calls, answered from
         # their own script ({"memories": []} when it is empty).
         self.extraction_received: list[Received] = []
@@ -140,7 +143,7 @@ class FakeOpenAI:
             return JSONResponse(answer.body, headers=answer.headers)
         if body.get("stream"):
             return StreamingResponse(
-                self._chunks(body, answer),
+                self._tracked(self._chunks(body, answer)),
                 media_type="text/event-stream",
                 headers={"x-request-id": "req_fake", **answer.headers},
             )
@@ -179,6 +182,19 @@ class FakeOpenAI:
             ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
         }
+
+    async def _tracked(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for chunk in chunks:
+                yield chunk
+            finished = True
+        finally:
+            with self._lock:
+                if finished:
+                    self.streams_finished += 1
+                else:
+                    self.streams_interrupted += 1
 
     async def _chunks(self, body: dict[str, Any], answer: Scripted) -> AsyncIterator[bytes]:
         base = {
