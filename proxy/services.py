@@ -102,7 +102,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
     """Start the database, model, HTTP client, writer and worker; close them after."""
     settings.home.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_pool(await stack.enter_async_context(database_url(settings)))
+        pool = await create_pool(
+            await stack.enter_async_context(database_url(settings)),
+            statement_cache_size=settings.db_statement_cache_size,
+        )
         stack.push_async_callback(pool.close)
         embedder = await asyncio.to_thread(
             Embedder.load, settings.embedding_model, settings.models_dir

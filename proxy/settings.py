@@ -56,6 +56,7 @@ class Settings:
     journal_max_bytes: int = 64 * 1024 * 1024
     shutdown_grace: float = 30.0
     request_body_timeout: float = 30.0
+    db_statement_cache_size: int = 100
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +116,9 @@ class Settings:
                 "ENGRAM_JOURNAL_MAX_BYTES", defaults.journal_max_bytes, minimum=1024
             ),
             shutdown_grace=env.number("ENGRAM_SHUTDOWN_GRACE", defaults.shutdown_grace),
+            db_statement_cache_size=env.integer(
+                "ENGRAM_DB_STATEMENT_CACHE_SIZE", defaults.db_statement_cache_size
+            ),
             request_body_timeout=env.number(
                 "ENGRAM_REQUEST_BODY_TIMEOUT", defaults.request_body_timeout, minimum=0.1
             ),

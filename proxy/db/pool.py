@@ -49,8 +49,14 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.execute("SET hnsw.iterative_scan = relaxed_order")
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Pool:
-    """A pool whose connections know the vector and jsonb types."""
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10, statement_cache_size: int = 100
+) -> Pool:
+    """A pool whose connections know the vector and jsonb types.
+
+    `statement_cache_size=0` turns asyncpg's prepared-statement cache off, which
+    PgBouncer in transaction mode needs (before PgBouncer 1.21).
+    """
     await apply_schema(dsn)
     pool = await asyncpg.create_pool(
         dsn,
@@ -58,6 +64,7 @@ async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> Poo
         max_size=max_size,
         init=_init_connection,
         timeout=CONNECT_TIMEOUT_SECONDS,  # a database that is away must fail fast
+        statement_cache_size=statement_cache_size,
     )
     assert pool is not None
     return pool
