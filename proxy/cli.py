@@ -6,9 +6,15 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from proxy.db.pool import Pool
+
+T = TypeVar("T")
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -29,17 +35,23 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _create_user(settings: Settings, email: str) -> dict[str, str]:
-    from proxy.admin import new_user
+async def _with_pool(settings: Settings, use: Callable[[Pool], Awaitable[T]]) -> T:
+    """Run `use` with a one-connection pool to the configured database."""
     from proxy.db.pool import create_pool
     from proxy.services import database_url
 
     async with database_url(settings) as dsn:
         pool = await create_pool(dsn, min_size=1, max_size=1)
         try:
-            return await new_user(pool, email)
+            return await use(pool)
         finally:
             await pool.close()
+
+
+async def _create_user(settings: Settings, email: str) -> dict[str, str]:
+    from proxy.admin import new_user
+
+    return await _with_pool(settings, lambda pool: new_user(pool, email))
 
 
 def _users_create(settings: Settings, args: argparse.Namespace) -> int:
@@ -97,17 +109,10 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _job_stats(settings: Settings) -> dict[str, object]:
+async def _job_stats(settings: Settings) -> dict[str, Any]:
     from proxy.db.jobs import job_stats
-    from proxy.db.pool import create_pool
-    from proxy.services import database_url
 
-    async with database_url(settings) as dsn:
-        pool = await create_pool(dsn, min_size=1, max_size=1)
-        try:
-            return await job_stats(pool, None)
-        finally:
-            await pool.close()
+    return await _with_pool(settings, lambda pool: job_stats(pool, None))
 
 
 def _jobs(settings: Settings, args: argparse.Namespace) -> int:

@@ -10,23 +10,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from proxy import memories
-from proxy.auth import Principal, authenticate_request
 from proxy.db.evidence import list_retrieval_logs
 from proxy.db.memories import MemoryHit
-from proxy.services import Services, services
+from proxy.services import caller
 from proxy.validation import invalid_field, json_object, number_field, text_field
 
 MAX_CONTENT_CHARS = 8000
 MAX_QUERY_CHARS = 4000
 MAX_SEARCH_LIMIT = 100
 MAX_LOG_PAGE = 100
-
-
-async def _caller(request: Request) -> tuple[Services, Principal]:
-    svc = services(request)
-    principal, _ = await authenticate_request(svc.authenticator, request.headers)
-    svc.health.require_up()
-    return svc, principal
 
 
 def _timestamp(body: dict[str, Any], name: str) -> datetime | None:
@@ -88,7 +80,7 @@ def hit_json(hit: MemoryHit) -> dict[str, Any]:
 
 async def capture(request: Request) -> JSONResponse:
     """POST /memories/capture {"content", "metadata"?, "occurred_at"?}."""
-    svc, principal = await _caller(request)
+    svc, principal = await caller(request)
     body = await json_object(request)
     result = await memories.capture(
         svc.pool,
@@ -107,7 +99,7 @@ async def capture(request: Request) -> JSONResponse:
 
 async def search(request: Request) -> JSONResponse:
     """POST /memories/search {"query", "limit"?, "threshold"?}."""
-    svc, principal = await _caller(request)
+    svc, principal = await caller(request)
     body = await json_object(request)
     limit = number_field(body, "limit", 10, 1, MAX_SEARCH_LIMIT)
     if limit != int(limit):
@@ -140,7 +132,7 @@ def _page_params(request: Request) -> tuple[int, uuid.UUID | None]:
 
 async def retrieval_logs(request: Request) -> JSONResponse:
     """GET /retrieval-logs?limit=&before=: this user's logs, newest first."""
-    svc, principal = await _caller(request)
+    svc, principal = await caller(request)
     limit, before = _page_params(request)
     entries = await list_retrieval_logs(svc.pool, principal.user_id, limit + 1, before)
     page = entries[:limit]

@@ -22,7 +22,7 @@ from providers.base import Provider
 from providers.gemini import GeminiProvider
 from providers.ollama import OllamaProvider
 from providers.openai import OpenAIProvider
-from proxy.auth import Authenticator
+from proxy.auth import Authenticator, Principal, authenticate_request
 from proxy.db.embedded import start_embedded, stop_embedded
 from proxy.db.evidence import record_exchange
 from proxy.db.pool import Pool, claim_embedding_model, create_pool
@@ -70,6 +70,14 @@ class Services:
 def services(request: Request) -> Services:
     """The running services, from the lifespan state."""
     return cast(Services, request.state.services)
+
+
+async def caller(request: Request) -> tuple[Services, Principal]:
+    """The services and the authenticated user of a request that needs the database."""
+    svc = services(request)
+    principal, _ = await authenticate_request(svc.authenticator, request.headers)
+    svc.health.require_up()
+    return svc, principal
 
 
 @asynccontextmanager

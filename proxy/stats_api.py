@@ -5,16 +5,13 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from proxy.auth import authenticate_request
 from proxy.db.jobs import job_stats
 from proxy.db.memories import count_memories
-from proxy.services import services
+from proxy.services import caller
 
 
 async def stats(request: Request) -> JSONResponse:
-    svc = services(request)
-    principal, _ = await authenticate_request(svc.authenticator, request.headers)
-    svc.health.require_up()
+    svc, principal = await caller(request)
     body = await job_stats(svc.pool, principal.user_id)
     body["memories"] = await count_memories(svc.pool, principal.user_id)
     return JSONResponse(body)
