@@ -2,9 +2,9 @@
 
 Foreign errors are mapped where they surface, while a stream is read too:
 
-    google.genai.errors.APIError      → ProviderStatusError: the upstream status (a key
-                                        Gemini rejects → 401), an OpenAI-shaped body naming
-                                        gemini, Retry-After when Gemini says when to retry
+    google.genai.errors.APIError      → ProviderStatusError: a 4xx keeps its status (a key
+                                        Gemini rejects → 401), a 5xx is a 502; an OpenAI-shaped
+                                        body naming gemini, Retry-After when Gemini gives one
     httpx.TimeoutException            → ProviderTimeout
     other httpx.TransportError        → ProviderUnreachable
     an answer that does not parse     → ProviderProtocolError
@@ -207,7 +207,8 @@ def _status_error(error: genai_errors.APIError, host: str, key: str | None) -> P
 
 
 def _upstream_status(code: object) -> int:
-    return code if isinstance(code, int) and 400 <= code <= 599 else 502
+    """Gemini's refusals keep their status; its own failures are a bad gateway."""
+    return code if isinstance(code, int) and 400 <= code <= 499 else 502
 
 
 def _error_body(message: str, status: int, code: str | None) -> bytes:

@@ -2,8 +2,8 @@
 
 Every failure leaves as a ProviderError (providers.errors):
 
-    ollama.ResponseError            → ProviderStatusError, Ollama's status kept
-      (an error line inside a 200 stream has none: it counts as a 500)
+    ollama.ResponseError            → ProviderStatusError: a 4xx keeps its status, a 5xx
+      is a 502 (an error line inside a 200 stream has no status: it counts as a 500)
     ConnectionError, httpx.ConnectError
                                     → ProviderUnreachable
     httpx.TimeoutException          → ProviderTimeout
@@ -61,11 +61,16 @@ _ERROR_KINDS: dict[int, tuple[str, str]] = {
 
 
 def status_error(error: ollama.ResponseError, host: str) -> ProviderStatusError:
-    """Ollama's error answer as an OpenAI error body that names Ollama."""
-    status = error.status_code if error.status_code >= 400 else 500
+    """Ollama's error answer as an OpenAI error body that names Ollama.
+
+    Ollama's own failures (5xx) are a bad gateway to Engram's client: 502, with
+    Ollama's status kept in the message.
+    """
+    upstream = error.status_code if error.status_code >= 400 else 500
+    status = upstream if upstream < 500 else 502
     kind, code = _ERROR_KINDS.get(status, ("upstream_error", "upstream_error"))
     # A proxy in front of Ollama may answer with a whole HTML page: keep the gist.
-    message = f"ollama ({status}): {str(error.error)[:_MAX_ERROR_CHARS]}"
+    message = f"ollama ({upstream}): {str(error.error)[:_MAX_ERROR_CHARS]}"
     body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
     headers = {"Retry-After": RETRY_AFTER_SECONDS} if status == 429 else {}
     return ProviderStatusError(NAME, host, status, json.dumps(body).encode(), headers)
@@ -183,6 +188,10 @@ class OllamaProvider:
             include_usage=bool(stream_options.get("include_usage")),
         )
         return OllamaStream(parts, first, translator, self.host)
+
+    async def aclose(self) -> None:
+        """Close the SDK client's connections (it owns its own HTTP client)."""
+        await self._client.close()  # type: ignore[no-untyped-call]  # the SDK leaves it untyped
 
     async def list_models(self, api_key: str | None) -> UpstreamResponse:
         with ollama_errors(self.host):

@@ -17,15 +17,23 @@ from starlette.responses import JSONResponse, Response
 
 from providers.base import Provider, UpstreamResponse
 from proxy.auth import authenticate_request
+from proxy.routing import choose_provider
 from proxy.services import Services, services
 
 log = structlog.get_logger("engram.models")
 _LIST_TIMEOUT_SECONDS = 5.0
 
 
-def _listed(svc: Services, byok: str | None) -> dict[str, str | None]:
-    """The providers to ask, with the key for each; Gemini only when a key is at hand."""
-    keys = {name: byok or svc.settings.server_key(name) for name in svc.providers}
+def _listed(svc: Services, byok: str | None, selected: str) -> dict[str, str | None]:
+    """The providers to ask, with the key for each; Gemini only when a key is at hand.
+
+    The caller's own key belongs to the provider the request selects: the others are
+    asked with the server's keys, so an OpenAI key is never sent to Google, or back.
+    """
+    keys = {
+        name: (byok if name == selected else None) or svc.settings.server_key(name)
+        for name in svc.providers
+    }
     return {name: key for name, key in keys.items() if name != "gemini" or key}
 
 
@@ -43,7 +51,8 @@ def _models(name: str, answer: UpstreamResponse) -> list[dict[str, Any]]:
 async def list_models(request: Request) -> Response:
     svc = services(request)
     _, credentials = await authenticate_request(svc.authenticator, request.headers)
-    asked = _listed(svc, credentials.provider_key)
+    selected, _ = choose_provider(request.headers, "", svc.settings.default_provider, svc.providers)
+    asked = _listed(svc, credentials.provider_key, selected)
     answers = await asyncio.gather(
         *(_ask(svc.providers[name], key) for name, key in asked.items()), return_exceptions=True
     )

@@ -123,6 +123,10 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         client = upstream_client(settings)
         stack.push_async_callback(client.aclose)
         svc = _assemble(settings, pool, embedder, client)
+        for provider in svc.providers.values():
+            closing = getattr(provider, "aclose", None)  # adapters owning an SDK client
+            if closing is not None:
+                stack.push_async_callback(closing)
         await svc.recorder.replay()  # exchanges journaled before a restart
         svc.recorder.start()
         stack.push_async_callback(svc.recorder.close, settings.shutdown_grace)

@@ -258,7 +258,13 @@ KEY_INVALID = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "A
             500,
             google_error(500, "INTERNAL", "Internal error."),
             {},
-            (500, "upstream_error", "internal", None),
+            (502, "upstream_error", "internal", None),
+        ),
+        (
+            503,
+            google_error(503, "UNAVAILABLE", "The model is overloaded."),
+            {"retry-after": "10"},
+            (502, "upstream_error", "unavailable", "10"),
         ),
     ],
 )
@@ -302,7 +308,7 @@ async def test_an_error_event_mid_stream_raises_from_iteration(
     with pytest.raises(ProviderStatusError) as raised:
         await anext(events_seen)
     await stream.aclose()
-    assert raised.value.status_code == 503
+    assert raised.value.status_code == 502
 
 
 class _DroppedAfterOneEvent(httpx.AsyncByteStream):

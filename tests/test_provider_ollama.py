@@ -398,7 +398,7 @@ async def test_refused_request_sends_nothing(
     ],
 )
 @pytest.mark.parametrize("streamed", [False, True], ids=["complete", "stream"])
-async def test_upstream_errors_keep_their_status(
+async def test_upstream_errors_keep_their_class(
     api: respx.MockRouter,
     provider: OllamaProvider,
     streamed: bool,
@@ -412,7 +412,8 @@ async def test_upstream_errors_keep_their_status(
     with pytest.raises(ProviderStatusError) as raised:
         await (provider.stream(call) if streamed else provider.complete(call))
     refusal = raised.value
-    assert (refusal.provider, refusal.host, refusal.status_code) == ("ollama", "localhost", status)
+    relayed = 502 if status >= 500 else status  # Ollama's own failure: a bad gateway
+    assert (refusal.provider, refusal.host, refusal.status_code) == ("ollama", "localhost", relayed)
     assert json.loads(refusal.body) == {
         "error": {
             "message": f"ollama ({status}): {error}",
@@ -433,7 +434,7 @@ async def test_error_mid_stream_raises_from_iteration(
     with pytest.raises(ProviderStatusError) as raised:
         await read(stream, into=received)
     assert len(received) == 2  # the role, then "Once"
-    assert raised.value.status_code == 500
+    assert raised.value.status_code == 502
     assert "out of memory" in json.loads(raised.value.body)["error"]["message"]
 
 
