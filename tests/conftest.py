@@ -79,10 +79,13 @@ class Engram:
         return httpx.post(f"{self.url}{path}", json=body, headers=headers, **kwargs)
 
     def get(self, path: str, user: User | None, **kwargs: Any) -> httpx.Response:
+        return self.request("GET", path, user, **kwargs)
+
+    def request(self, method: str, path: str, user: User | None, **kwargs: Any) -> httpx.Response:
         headers = kwargs.pop("headers", {})
         if user is not None:
             headers.setdefault("X-Engram-Key", user.api_key)
-        return httpx.get(f"{self.url}{path}", headers=headers, **kwargs)
+        return httpx.request(method, f"{self.url}{path}", headers=headers, **kwargs)
 
     def capture(self, user: User, content: str, **fields: Any) -> dict[str, Any]:
         answer = self.post("/memories/capture", user, {"content": content, **fields})
