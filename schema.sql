@@ -79,6 +79,11 @@ CREATE INDEX IF NOT EXISTS memories_embedding_hnsw
     ON memories USING hnsw (embedding vector_cosine_ops);
 CREATE INDEX IF NOT EXISTS memories_active_user
     ON memories (user_id) WHERE superseded_by IS NULL;
+-- Words, for the lexical half of hybrid search (rare names and terms that a
+-- small embedding model blurs).
+ALTER TABLE memories ADD COLUMN IF NOT EXISTS content_tsv tsvector
+    GENERATED ALWAYS AS (to_tsvector('english', content)) STORED;
+CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_tsv);
 
 -- Why did the model say that? One row per proxied call: what was asked, which
 -- memories were found with which scores, and where the time went.

@@ -161,7 +161,12 @@ async def _memories_for(
         return unretrieved, "passthrough"
     try:
         retrieval = await retrieve(
-            svc.embedder, svc.pool, principal.user_id, principal.settings, body["messages"]
+            svc.embedder,
+            svc.pool,
+            principal.user_id,
+            principal.settings,
+            body["messages"],
+            hybrid=svc.settings.search == "hybrid",
         )
     except Exception as error:
         if not is_outage(error):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ def _register_offline_model() -> None:
     )
 
 
-def load_model(name: str, models_dir: Path, threads: int = 1) -> Any:
+def load_model(name: str, models_dir: Path, threads: int | None = None) -> Any:
     """Load `name` with fastembed; the default offline model comes from `models_dir`."""
     from fastembed import TextEmbedding
 
@@ -58,28 +58,59 @@ def load_model(name: str, models_dir: Path, threads: int = 1) -> Any:
 
 @dataclass
 class Embedder:
-    """A loaded model plus the threads it runs in, so the event loop never waits on it."""
+    """A loaded model, run in a thread of its own so the event loop never waits on it.
+
+    Concurrent requests are micro-batched: while one model call runs, the texts
+    that arrive wait and then go together in the next call, which costs far
+    less per text than one call each. An idle embedder adds no delay.
+    """
 
     name: str
     model: Any
     executor: ThreadPoolExecutor
+    max_batch: int = 32
+    _pending: list[tuple[str, asyncio.Future[Vector]]] = field(default_factory=list)
+    _draining: asyncio.Task[None] | None = None
 
     @classmethod
-    def load(cls, name: str, models_dir: Path, workers: int = 2) -> Embedder:
+    def load(cls, name: str, models_dir: Path) -> Embedder:
         model = load_model(name, models_dir)
-        return cls(name, model, ThreadPoolExecutor(workers, thread_name_prefix="embed"))
+        return cls(name, model, ThreadPoolExecutor(1, thread_name_prefix="embed"))
 
     def embed_now(self, texts: list[str]) -> list[Vector]:
         """Blocking: embed `texts` in the calling thread."""
         return [np.asarray(v, dtype=np.float32) for v in self.model.embed(texts)]
 
-    async def embed_many(self, texts: list[str]) -> list[Vector]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self.embed_now, texts)
-
     async def embed(self, text: str) -> Vector:
-        [vector] = await self.embed_many([text])
-        return vector
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Vector] = loop.create_future()
+        self._pending.append((text, future))
+        draining = self._draining
+        if draining is None or draining.done() or draining.get_loop() is not loop:
+            self._draining = loop.create_task(self._drain())
+        return await future
+
+    async def embed_many(self, texts: list[str]) -> list[Vector]:
+        return list(await asyncio.gather(*(self.embed(text) for text in texts)))
+
+    async def _drain(self) -> None:
+        """Run model calls until nothing waits; each takes all that arrived meanwhile."""
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                vectors = await loop.run_in_executor(
+                    self.executor, self.embed_now, [text for text, _ in batch]
+                )
+            except Exception as error:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+            else:
+                for (_, future), vector in zip(batch, vectors, strict=True):
+                    if not future.done():  # its request may have gone away
+                        future.set_result(vector)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

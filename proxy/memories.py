@@ -55,7 +55,16 @@ async def capture(
 
 
 async def search(
-    pool: Pool, embedder: Embedder, user_id: UUID, query: str, limit: int, threshold: float
+    pool: Pool,
+    embedder: Embedder,
+    user_id: UUID,
+    query: str,
+    limit: int,
+    threshold: float,
+    hybrid: bool = True,
 ) -> list[MemoryHit]:
-    """The user's active memories most similar to `query`, best first."""
-    return await memory_sql.search(pool, user_id, await embedder.embed(query), limit, threshold)
+    """The user's active memories most relevant to `query`, best first."""
+    embedding = await embedder.embed(query)
+    return await memory_sql.search(
+        pool, user_id, embedding, limit, threshold, query if hybrid else None
+    )

@@ -111,6 +111,7 @@ async def search(request: Request) -> JSONResponse:
         text_field(body, "query", MAX_QUERY_CHARS),
         int(limit),
         number_field(body, "threshold", principal.settings.retrieval_threshold, -1, 1),
+        hybrid=svc.settings.search == "hybrid",
     )
     return JSONResponse({"results": [hit_json(hit) for hit in hits]})
 

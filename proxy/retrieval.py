@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
 from providers.types import ChatMessage
@@ -71,6 +70,7 @@ async def retrieve(
     user_id: UUID,
     settings: UserSettings,
     messages: list[ChatMessage],
+    hybrid: bool = True,
 ) -> Retrieval:
     """The memories to inject for this conversation, best first."""
     text = query_text(messages)
@@ -81,10 +81,11 @@ async def retrieve(
     embed_ms = _ms_since(start)
     start = time.perf_counter()
     hits = await memory_sql.search(
-        pool, user_id, embedding, settings.max_memories_injected, settings.retrieval_threshold
+        pool,
+        user_id,
+        embedding,
+        settings.max_memories_injected,
+        settings.retrieval_threshold,
+        text if hybrid else None,
     )
     return Retrieval(text, embedding, hits, embed_ms, _ms_since(start))
-
-
-def retrieval_summary(retrieval: Retrieval) -> dict[str, Any]:
-    return {"embed_ms": retrieval.embed_ms, "retrieve_ms": retrieval.retrieve_ms}

@@ -12,6 +12,7 @@ OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-int8"
 EXTRACTION_MODES = ("llm", "raw", "off")
 WORKER_MODES = ("inline", "off")
 PROVIDER_NAMES = ("openai", "ollama", "gemini")
+SEARCH_MODES = ("hybrid", "vector")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -57,6 +58,7 @@ class Settings:
     shutdown_grace: float = 30.0
     request_body_timeout: float = 30.0
     db_statement_cache_size: int = 100
+    search: str = "hybrid"  # hybrid | vector
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -116,6 +118,7 @@ class Settings:
                 "ENGRAM_JOURNAL_MAX_BYTES", defaults.journal_max_bytes, minimum=1024
             ),
             shutdown_grace=env.number("ENGRAM_SHUTDOWN_GRACE", defaults.shutdown_grace),
+            search=env.choice("ENGRAM_SEARCH", defaults.search, SEARCH_MODES),
             db_statement_cache_size=env.integer(
                 "ENGRAM_DB_STATEMENT_CACHE_SIZE", defaults.db_statement_cache_size
             ),

@@ -56,11 +56,66 @@ ORDER BY score DESC
 """
 
 
+# Hybrid: the user's nearest memories by vector and their best matches by words
+# (any of the query's words), fused by reciprocal rank. `score` stays the
+# cosine similarity, which the threshold applies to.
+_HYBRID_SEARCH = """
+WITH semantic AS (
+    SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
+        SELECT id, embedding <=> $2 AS distance
+        FROM memories
+        WHERE user_id = $1 AND superseded_by IS NULL
+        ORDER BY embedding <=> $2
+        LIMIT $5
+    ) nearest
+),
+words AS (
+    SELECT to_tsquery('simple', string_agg(quote_literal(word), ' | ')) AS query
+    FROM unnest(tsvector_to_array(to_tsvector('english', $3))) AS word
+),
+lexical AS (
+    SELECT m.id, row_number() OVER (ORDER BY ts_rank_cd(m.content_tsv, words.query) DESC) AS rank
+    FROM memories m, words
+    WHERE m.user_id = $1 AND m.superseded_by IS NULL AND m.content_tsv @@ words.query
+    ORDER BY ts_rank_cd(m.content_tsv, words.query) DESC
+    LIMIT $5
+),
+fused AS (
+    SELECT id, sum(1.0 / (60 + rank)) AS fusion
+    FROM (SELECT * FROM semantic UNION ALL SELECT * FROM lexical) ranked
+    GROUP BY id
+)
+SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
+       m.created_at
+FROM fused JOIN memories m ON m.id = fused.id AND m.user_id = $1
+WHERE 1 - (m.embedding <=> $2) >= $4
+ORDER BY fused.fusion DESC, score DESC
+LIMIT $6
+"""
+
+# Candidates each half brings to the fusion, at least.
+_MIN_CANDIDATES = 30
+
+
 async def search(
-    pool: Pool, user_id: UUID, embedding: np.ndarray[Any, Any], limit: int, threshold: float
+    pool: Pool,
+    user_id: UUID,
+    embedding: np.ndarray[Any, Any],
+    limit: int,
+    threshold: float,
+    query_text: str | None = None,
 ) -> list[MemoryHit]:
-    """This user's active memories closest to `embedding`, best first."""
-    rows = await pool.fetch(_SEARCH, user_id, embedding, limit, threshold)
+    """This user's active memories most relevant to the query, best first.
+
+    With `query_text`, hybrid (vector and words fused); without, vector only.
+    """
+    if query_text is None:
+        rows = await pool.fetch(_SEARCH, user_id, embedding, limit, threshold)
+    else:
+        candidates = max(limit * 3, _MIN_CANDIDATES)
+        rows = await pool.fetch(
+            _HYBRID_SEARCH, user_id, embedding, query_text, threshold, candidates, limit
+        )
     return [MemoryHit(**dict(row)) for row in rows]
 
 

