@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from cachetools import LRUCache
 
 from proxy.model_store import ONNX_FILE, ensure_offline_model
 from proxy.settings import OFFLINE_MODEL_NAME
@@ -69,6 +70,8 @@ class Embedder:
     model: Any
     executor: ThreadPoolExecutor
     max_batch: int = 32
+    # Recent texts: a retried or regenerated request repeats its last turn.
+    recent: LRUCache[str, Vector] = field(default_factory=lambda: LRUCache(maxsize=2048))
     _pending: list[tuple[str, asyncio.Future[Vector]]] = field(default_factory=list)
     _draining: asyncio.Task[None] | None = None
 
@@ -82,6 +85,9 @@ class Embedder:
         return [np.asarray(v, dtype=np.float32) for v in self.model.embed(texts)]
 
     async def embed(self, text: str) -> Vector:
+        cached = self.recent.get(text)
+        if cached is not None:
+            return cached
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Vector] = loop.create_future()
         self._pending.append((text, future))
@@ -108,7 +114,8 @@ class Embedder:
                     if not future.done():
                         future.set_exception(error)
             else:
-                for (_, future), vector in zip(batch, vectors, strict=True):
+                for (text, future), vector in zip(batch, vectors, strict=True):
+                    self.recent[text] = vector
                     if not future.done():  # its request may have gone away
                         future.set_result(vector)
 

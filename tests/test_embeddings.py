@@ -95,3 +95,21 @@ def test_a_missing_model_package_says_how_to_install_it(
     monkeypatch.setattr(builtins, "__import__", no_tokenizer_package)
     with pytest.raises(ModelFilesError, match="scripts/serve"):
         ensure_offline_model(tmp_path_factory.mktemp("empty") / "m")
+
+
+async def test_a_repeated_text_is_embedded_once(embedder: Embedder) -> None:
+    calls: list[list[str]] = []
+    original = embedder.embed_now
+
+    def counting(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
+        calls.append(batch)
+        return original(batch)
+
+    embedder.embed_now = counting  # type: ignore[method-assign]
+    try:
+        first = await embedder.embed("regenerate: what should I cook tonight?")
+        again = await embedder.embed("regenerate: what should I cook tonight?")
+    finally:
+        del embedder.embed_now
+    assert calls == [["regenerate: what should I cook tonight?"]]
+    assert np.array_equal(first, again)
