@@ -69,15 +69,26 @@ WITH semantic AS (
         LIMIT $5
     ) nearest
 ),
-words AS (
-    SELECT to_tsquery('simple', string_agg(quote_literal(word), ' | ')) AS query
+terms AS (
+    SELECT DISTINCT word, to_tsquery('simple', quote_literal(word)) AS query
     FROM unnest(tsvector_to_array(to_tsvector('english', $3))) AS word
 ),
+matches AS (
+    SELECT m.id, terms.word
+    FROM memories m JOIN terms ON m.content_tsv @@ terms.query
+    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+),
+rarity AS (
+    SELECT word, ln(1 + (total.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
+    FROM matches, (SELECT count(*) AS n FROM memories
+                   WHERE user_id = $1 AND superseded_by IS NULL) total
+    GROUP BY word, total.n
+),
 lexical AS (
-    SELECT m.id, row_number() OVER (ORDER BY ts_rank_cd(m.content_tsv, words.query) DESC) AS rank
-    FROM memories m, words
-    WHERE m.user_id = $1 AND m.superseded_by IS NULL AND m.content_tsv @@ words.query
-    ORDER BY ts_rank_cd(m.content_tsv, words.query) DESC
+    SELECT id, row_number() OVER (ORDER BY sum(idf) DESC) AS rank
+    FROM matches JOIN rarity USING (word)
+    GROUP BY id
+    ORDER BY sum(idf) DESC
     LIMIT $5
 ),
 fused AS (
