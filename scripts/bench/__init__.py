@@ -1,0 +1,1 @@
+"""Engram's benchmarks: overhead, LoCoMo retrieval quality and scale (scripts/BENCHMARKS.md)."""

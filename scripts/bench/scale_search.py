@@ -1,0 +1,207 @@
+"""Per-user search as Engram runs it, against the exact answer of the same SQL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from pgvector.asyncpg import register_vector
+
+from proxy.db import memories as memory_sql
+from proxy.db.pool import create_pool
+from scripts.bench import stats
+from scripts.bench.scale_data import User, near
+
+
+@dataclass(frozen=True)
+class Query:
+    user: User
+    vector: Any
+    on_topic: bool  # near one of the user's own topics, or about something it has no memory of
+
+
+def queries(users: list[User], args: argparse.Namespace, centres: Any, rng: Any) -> list[Query]:
+    """`--queries-per-user` for a sample of ordinary users, four times that for the big ones.
+
+    A share of them (`--off-topic`) lie near a topic the user owns no memory of:
+    its nearest rows are then far away, among other users' rows, which is where
+    a filtered HNSW scan has to walk furthest.
+    """
+    ordinary = [u for u in users if u.group == "ordinary"]
+    pick = random.Random(args.seed)
+    chosen = pick.sample(ordinary, min(args.sample_users, len(ordinary)))
+    chosen += [u for u in users if u.group != "ordinary"]
+    result = []
+    for user in chosen:
+        count = args.queries_per_user * (1 if user.group == "ordinary" else 4)
+        others = [t for t in range(len(centres)) if t not in user.topics]
+        for index in range(count):
+            on_topic = pick.random() >= args.off_topic or not others
+            topic = user.topics[index % len(user.topics)] if on_topic else pick.choice(others)
+            [vector] = near(centres[[topic]], args.spread, rng)
+            result.append(Query(user, vector, on_topic))
+    pick.shuffle(result)
+    return result
+
+
+async def _types(connection: asyncpg.Connection) -> None:
+    """The codecs proxy/db/pool.py registers, so memory_sql.search reads rows the same way."""
+    await register_vector(connection)
+    await connection.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+
+
+async def exact_connection(database_url: str) -> asyncpg.Connection:
+    """A connection that can only answer exactly: no index scan, so no HNSW."""
+    connection = await asyncpg.connect(database_url, server_settings={"enable_indexscan": "off"})
+    await _types(connection)
+    return connection
+
+
+SHIPPED = "engram pool"
+EXACT = "exact (enable_indexscan off)"
+# Experiments: pools whose connections start with these settings, which asyncpg's
+# RESET ALL on release returns to (unlike the SET in proxy/db/pool.py's init).
+EXPERIMENTS = {
+    # What a connection's 2nd to 5th executions of the statement get today: a plan
+    # for this user's values, with iterative scans already reset to off.
+    "custom plan, iterative off": {"plan_cache_mode": "force_custom_plan"},
+    # The same with the setting kept, as a start-up parameter would keep it.
+    "custom plan, iterative relaxed": {
+        "plan_cache_mode": "force_custom_plan",
+        "hnsw.iterative_scan": "relaxed_order",
+    },
+    # Exact order and a wider candidate list, at the price of a longer walk.
+    "custom plan, strict, ef_search 200": {
+        "plan_cache_mode": "force_custom_plan",
+        "hnsw.iterative_scan": "strict_order",
+        "hnsw.ef_search": "200",
+    },
+}
+
+
+async def experiment_pool(database_url: str, settings: dict[str, str]) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        database_url, min_size=2, max_size=10, init=_types, server_settings=settings
+    )
+    assert pool is not None
+    return pool
+
+
+def scans(plan: list[str]) -> list[str]:
+    """The scan nodes of a plan: which index (HNSW or the user's btree) answered."""
+    return [line.strip().removeprefix("->  ") for line in plan if "Scan" in line and "(" in line]
+
+
+async def plans_for(database_url: str, query: Query, limit: int, threshold: float) -> Any:
+    """The scans each set-up runs for this user's search, executed for real.
+
+    Engram's statements are prepared (asyncpg caches them per connection), so after
+    five executions PostgreSQL may switch a connection to one generic plan for all
+    users. EXPLAIN EXECUTE of a prepared statement shows either plan.
+    """
+    connection = await asyncpg.connect(database_url)
+    try:
+        await _types(connection)
+        await connection.execute(f"PREPARE bench_search AS {memory_sql._SEARCH}")
+        # EXECUTE takes no bind parameters: the values are spelled out (all our own).
+        vector = "[" + ",".join(f"{x:.7g}" for x in query.vector) + "]"
+        arguments = f"'{query.user.id}', '{vector}', {int(limit)}, {float(threshold)}"
+        explain = f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE bench_search({arguments})"
+        setups = {
+            f"{SHIPPED} (generic plan, iterative off)": {"plan_cache_mode": "force_generic_plan"},
+            **EXPERIMENTS,
+        }
+        plans: dict[str, Any] = {"user_rows": query.user.rows}
+        for name, settings in setups.items():
+            for setting, value in settings.items():
+                await connection.execute(f"SET {setting} = '{value}'")
+            plans[name] = scans([row[0] for row in await connection.fetch(explain)])
+            await connection.execute("RESET ALL")
+        return plans
+    finally:
+        await connection.close()
+
+
+async def _timed(
+    searcher: Any, qs: list[Query], limit: int, threshold: float
+) -> list[tuple[float, set[uuid.UUID]]]:
+    answers = []
+    for query in qs:
+        started = time.perf_counter()
+        hits = await memory_sql.search(searcher, query.user.id, query.vector, limit, threshold)
+        answers.append(((time.perf_counter() - started) * 1000, {hit.id for hit in hits}))
+    return answers
+
+
+async def measure_search(
+    database_url: str, qs: list[Query], limit: int, threshold: float, warmup: int
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """Each query exactly, through Engram's pool, and through the experiments; one at a time."""
+    exact = await exact_connection(database_url)
+    try:
+        await _timed(exact, qs[:warmup], limit, threshold)
+        truth = await _timed(exact, qs, limit, threshold)
+    finally:
+        await exact.close()
+    samples = {EXACT: [_sample(q, ms, got, got) for q, (ms, got) in zip(qs, truth, strict=True)]}
+    pools = {SHIPPED: lambda: create_pool(database_url)}
+    for name, settings in EXPERIMENTS.items():
+        pools[name] = lambda settings=settings: experiment_pool(database_url, settings)
+    setting_after_use = {}
+    for name, open_pool in pools.items():
+        pool = await open_pool()
+        try:
+            # Statements get prepared on each connection, and pages cached.
+            await _timed(pool, qs[:warmup], limit, threshold)
+            answers = await _timed(pool, qs, limit, threshold)
+            setting_after_use[name] = await pool.fetchval("SHOW hnsw.iterative_scan")
+        finally:
+            await pool.close()
+        samples[name] = [
+            _sample(q, ms, got, want)
+            for q, (ms, got), (_, want) in zip(qs, answers, truth, strict=True)
+        ]
+    plans: dict[str, Any] = {"hnsw.iterative_scan after use": setting_after_use}
+    for group in sorted({q.user.group for q in qs}):
+        sample = next(q for q in qs if q.user.group == group)
+        plans[group] = await plans_for(database_url, sample, limit, threshold)
+    return samples, plans
+
+
+def _sample(query: Query, ms: float, got: set[uuid.UUID], want: set[uuid.UUID]) -> dict[str, Any]:
+    return {
+        "group": query.user.group,
+        "on_topic": query.on_topic,
+        "user_rows": query.user.rows,
+        "ms": round(ms, 3),
+        "recall": len(got & want) / len(want) if want else 1.0,
+        "short": len(got) < len(want),
+    }
+
+
+def search_groups(measured: list[dict[str, Any]]) -> dict[str, Any]:
+    groups: dict[str, Any] = {}
+    kinds = {"all": lambda m: True, "off-topic queries": lambda m: not m["on_topic"]}
+    for name in sorted({m["group"] for m in measured}):
+        kinds[name] = lambda m, name=name: m["group"] == name
+    for name, belongs in kinds.items():
+        rows = [m for m in measured if belongs(m)]
+        if not rows:
+            continue
+        groups[name] = {
+            "queries": len(rows),
+            "user_rows": stats.summary(m["user_rows"] for m in rows),
+            "latency_ms": stats.summary(m["ms"] for m in rows),
+            "recall_mean": round(sum(m["recall"] for m in rows) / len(rows), 4),
+            "recall_min": round(min(m["recall"] for m in rows), 4),
+            "short_results": sum(m["short"] for m in rows),
+        }
+    return groups
