@@ -44,9 +44,6 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
     )
-    # Filtered HNSW scans otherwise stop at ef_search candidates and can return
-    # fewer of this user's rows than asked for.
-    await connection.execute("SET hnsw.iterative_scan = relaxed_order")
 
 
 async def create_pool(
@@ -65,6 +62,10 @@ async def create_pool(
         init=_init_connection,
         timeout=CONNECT_TIMEOUT_SECONDS,  # a database that is away must fail fast
         statement_cache_size=statement_cache_size,
+        # Filtered HNSW scans otherwise stop at ef_search candidates and can return
+        # fewer of this user's rows than asked for. A start-up setting, because a
+        # SET in `init` is undone by the RESET ALL of every release to the pool.
+        server_settings={"hnsw.iterative_scan": "relaxed_order"},
     )
     assert pool is not None
     return pool

@@ -1,0 +1,41 @@
+"""The pool and the schema against the real database."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.db.pool import ModelMismatchError, apply_schema, claim_embedding_model, create_pool
+from tests.conftest import Engram
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_iterative_hnsw_scans_stay_on_after_connections_go_back_to_the_pool(
+    database_url: str,
+) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        for _ in range(3):  # each call takes the one connection and gives it back (RESET ALL)
+            assert await pool.fetchval("SHOW hnsw.iterative_scan") == "relaxed_order"
+    finally:
+        await pool.close()
+
+
+async def test_the_schema_applies_again_without_change(database_url: str) -> None:
+    await apply_schema(database_url)
+    await apply_schema(database_url)
+
+
+async def test_another_embedding_model_is_refused_naming_both(
+    database_url: str, engram: Engram
+) -> None:
+    pool = await create_pool(database_url, min_size=1, max_size=1)  # engram claimed its model
+    try:
+        stored = await pool.fetchval("SELECT value FROM engram_meta WHERE key = 'embedding_model'")
+        await claim_embedding_model(pool, stored)  # the same model: fine
+        with pytest.raises(ModelMismatchError) as refused:
+            await claim_embedding_model(pool, "BAAI/bge-small-en-v1.5")
+        assert stored in str(refused.value)
+        assert "BAAI/bge-small-en-v1.5" in str(refused.value)
+    finally:
+        await pool.close()
