@@ -24,8 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.extraction import PROMPT_MARKER
-from tests.fakes.openai_server import Received, Scripted
-from tests.fakes.recording import ScriptedUpstream, tool_call_arguments
+from tests.fakes.recording import Received, Scripted, ScriptedUpstream, tool_call_arguments
 
 DEFAULT_MODELS = ("gemini-2.5-flash", "gemini-2.5-pro")
 THOUGHT_SIGNATURE = base64.b64encode(b"fake thought signature").decode()

@@ -20,8 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.extraction import PROMPT_MARKER
-from tests.fakes.openai_server import Received, Scripted
-from tests.fakes.recording import ScriptedUpstream, tool_call_arguments
+from tests.fakes.recording import Received, Scripted, ScriptedUpstream, tool_call_arguments
 
 DEFAULT_MODELS = ("llama3.2:latest", "qwen2.5-coder:7b")
 # Durations are nanoseconds in Ollama's answers.

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
@@ -21,37 +19,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from proxy.extraction import PROMPT_MARKER
+from tests.fakes.recording import Received, Scripted, ScriptedUpstream
+
+__all__ = ["FakeOpenAI", "Received", "Scripted"]
 
 
-@dataclass
-class Received:
-    headers: dict[str, str]
-    body: dict[str, Any]
-
-    @property
-    def messages(self) -> list[dict[str, Any]]:
-        return list(self.body.get("messages", []))
-
-    @property
-    def system_text(self) -> str:
-        return "\n".join(m.get("content") or "" for m in self.messages if m.get("role") == "system")
-
-
-@dataclass
-class Scripted:
-    """A canned answer for the next request: an error, a tool call, or text."""
-
-    status: int = 200
-    body: dict[str, Any] | None = None
-    # Exact bytes to answer with (any status), for tests that compare bodies byte for byte.
-    raw: bytes | None = None
-    content: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
-    fail_mid_stream: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class FakeOpenAI:
+class FakeOpenAI(ScriptedUpstream):
     """The fake's state and its Starlette app."""
 
     def __init__(
@@ -60,21 +33,13 @@ class FakeOpenAI:
         first_token_delay: float = 0.0,
         token_interval: float = 0.0,
     ) -> None:
+        super().__init__()
         self.reply = reply
         self.first_token_delay = first_token_delay
         self.token_interval = token_interval
-        self.received: list[Received] = []
         # Streams that ran to [DONE], and streams cut off (the client went away).
         self.streams_finished = 0
         self.streams_interrupted = 0
-        # Engram's extraction calls are kept apart from chat calls, answered from
-        # their own script ({"memories": []} when it is empty).
-        self.extraction_received: list[Received] = []
-        self._extraction_script: list[tuple[str, str | Scripted]] = []
-        self._script: list[Scripted] = []
-        # Headers of each GET /v1/models, to check which key reached the upstream.
-        self.models_received: list[dict[str, str]] = []
-        self._lock = threading.Lock()
         self.app = Starlette(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
@@ -82,43 +47,13 @@ class FakeOpenAI:
             ]
         )
 
-    def script(self, *answers: Scripted) -> None:
-        with self._lock:
-            self._script.extend(answers)
-
-    def script_extraction(self, *outputs: str | Scripted, when: str) -> None:
-        """Answers for the next extraction calls whose exchange mentions `when`.
-
-        Each output is the model's text, or a Scripted error. Keyed by content
-        because jobs of earlier tests may still be calling while a test runs.
-        """
-        with self._lock:
-            self._extraction_script.extend((when, output) for output in outputs)
-
-    def extractions_of(self, phrase: str) -> list[Received]:
-        """The extraction calls whose exchange mentions `phrase`."""
-        with self._lock:
-            return [call for call in self.extraction_received if phrase in _exchange_of(call)]
-
-    def reset(self) -> None:
-        with self._lock:
-            self.received.clear()
-            self.extraction_received.clear()
-            self._extraction_script.clear()
-            self._script.clear()
-            self.models_received.clear()
-
-    def last(self) -> Received:
-        with self._lock:
-            return self.received[-1]
-
-    def _next(self) -> Scripted:
-        with self._lock:
-            return self._script.pop(0) if self._script else Scripted()
+    def exchange_of(self, call: Received) -> str:
+        """The exchange part of an extraction prompt (existing memories left out)."""
+        prompt = str(call.messages[-1].get("content") or "")
+        return prompt.split("<existing_memories>")[0]
 
     async def _models(self, request: Request) -> Response:
-        with self._lock:
-            self.models_received.append(dict(request.headers))
+        self.record_models_call(dict(request.headers))
         models = [{"id": "gpt-fake", "object": "model", "created": 0, "owned_by": "fake"}]
         return JSONResponse({"object": "list", "data": models})
 
@@ -126,9 +61,7 @@ class FakeOpenAI:
         body = json.loads(await request.body())
         if _is_extraction(body):
             return self._extract(Received(dict(request.headers), body))
-        with self._lock:
-            self.received.append(Received(dict(request.headers), body))
-        answer = self._next()
+        answer = self.next_answer(Received(dict(request.headers), body))
         if answer.raw is not None:
             return Response(
                 answer.raw,
@@ -151,19 +84,10 @@ class FakeOpenAI:
         return JSONResponse(self._completion(body, answer), headers={"x-request-id": "req_fake"})
 
     def _extract(self, received: Received) -> Response:
-        with self._lock:
-            self.extraction_received.append(received)
-            exchange = _exchange_of(received)
-            output = None
-            for index, (when, scripted) in enumerate(self._extraction_script):
-                if when in exchange:
-                    output = scripted
-                    del self._extraction_script[index]
-                    break
+        output = self.extraction_answer(received)
         if isinstance(output, Scripted):
             return JSONResponse(output.body or {"error": {"message": "fake"}}, output.status)
-        content = output if output is not None else '{"memories": []}'
-        return JSONResponse(self._completion(received.body, Scripted(content=content)))
+        return JSONResponse(self._completion(received.body, Scripted(content=output)))
 
     def _completion(self, body: dict[str, Any], answer: Scripted) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": answer.content or self.reply}
@@ -235,12 +159,6 @@ class FakeOpenAI:
             usage = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
             yield b"data: " + json.dumps({**base, "choices": [], "usage": usage}).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
-
-
-def _exchange_of(call: Received) -> str:
-    """The exchange part of an extraction prompt (existing memories left out)."""
-    prompt = str(call.messages[-1].get("content") or "")
-    return prompt.split("<existing_memories>")[0]
 
 
 def _is_extraction(body: dict[str, Any]) -> bool:

@@ -1,6 +1,6 @@
-"""What the fake Ollama and Gemini servers share: a record of calls and a script of answers.
+"""What the fake upstreams share: a record of calls and a script of answers.
 
-Like FakeOpenAI, each fake keeps Engram's extraction calls apart from chat calls
+Each fake (OpenAI, Ollama, Gemini) keeps Engram's extraction calls apart from chat calls
 and answers them from a script of their own, keyed by the exchange they quote.
 Answers are scripted with tests.fakes.openai_server.Scripted, tool calls in
 OpenAI's shape: each fake speaks them in its own API's dialect, so one script
@@ -11,9 +11,36 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
-from tests.fakes.openai_server import Received, Scripted
+
+@dataclass
+class Received:
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.body.get("messages", []))
+
+    @property
+    def system_text(self) -> str:
+        return "\n".join(m.get("content") or "" for m in self.messages if m.get("role") == "system")
+
+
+@dataclass
+class Scripted:
+    """A canned answer for the next request: an error, a tool call, or text."""
+
+    status: int = 200
+    body: dict[str, Any] | None = None
+    # Exact bytes to answer with (any status), for tests that compare bodies byte for byte.
+    raw: bytes | None = None
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    fail_mid_stream: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class ScriptedUpstream:
