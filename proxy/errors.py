@@ -19,6 +19,7 @@ Anything else is a bug: 500 with a generic message, the details only in the log.
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict
 
@@ -250,7 +251,11 @@ async def handle_outage(request: Request, exc: Exception) -> Response:
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled_error", error_class=type(exc).__name__)
+    # Where it failed, but not the exception's text: asyncpg quotes query
+    # arguments (memory content, messages) in its errors, and no log line may
+    # carry message text.
+    where = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled_error", error_class=type(exc).__name__, traceback=where)
     body = error_body("internal error in Engram", "server_error", "internal_error")
     return JSONResponse(body, status_code=500)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -195,9 +196,10 @@ async def test_during_an_outage_other_endpoints_answer_503_and_readyz_stays_200(
 
 
 async def test_a_query_error_from_a_reachable_database_fails_closed(
-    outage_engram: Engram, own_database: OwnDatabase
+    outage_engram: Engram, own_database: OwnDatabase, log_stream: io.StringIO
 ) -> None:
     engram = outage_engram
+    since = log_stream.tell()
     never_seen = engram.create_user()
     connection = await asyncpg.connect(own_database.uri)
     try:
@@ -211,6 +213,9 @@ async def test_a_query_error_from_a_reachable_database_fails_closed(
             assert answer.status_code == 500  # not served, and not passthrough
             assert answer.json()["error"]["type"] == "server_error"
             assert await ready(client, engram)  # a query error is no outage
+        logged = log_stream.getvalue()[since:]
+        assert '"error_class": "UndefinedTableError"' in logged
+        assert "does not exist" not in logged  # the error's text (it may quote user data) stays out
     finally:
         await connection.execute("ALTER TABLE api_keys_elsewhere RENAME TO api_keys")
         await connection.close()
