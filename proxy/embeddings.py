@@ -13,7 +13,7 @@ import numpy.typing as npt
 from cachetools import LRUCache
 
 from proxy.model_store import ONNX_FILE, ensure_offline_model
-from proxy.settings import OFFLINE_MODEL_NAME
+from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, OFFLINE_MODEL_NAME
 
 DIMENSIONS = 384
 Vector = npt.NDArray[np.float32]
@@ -23,15 +23,20 @@ class EmbeddingModelError(RuntimeError):
     """The configured embedding model cannot be used (wrong size, not loadable)."""
 
 
-def _register_offline_model() -> None:
+# The models made from the locked wheels, and whether each is the one quantized
+# for int8 arithmetic (proxy.model_store).
+_OFFLINE_MODELS = {OFFLINE_MODEL_NAME: True, LEGACY_OFFLINE_MODEL_NAME: False}
+
+
+def _register_offline_model(name: str) -> None:
     from fastembed import TextEmbedding
     from fastembed.common.model_description import ModelSource, PoolingType
 
     known = {model["model"].lower() for model in TextEmbedding.list_supported_models()}
-    if OFFLINE_MODEL_NAME.lower() in known:
+    if name.lower() in known:
         return
     TextEmbedding.add_custom_model(
-        model=OFFLINE_MODEL_NAME,
+        model=name,
         pooling=PoolingType.MEAN,
         normalization=True,
         # Never fetched: the files come from specific_model_path.
@@ -50,9 +55,9 @@ def load_model(name: str, models_dir: Path, threads: int = 1) -> Any:
     """
     from fastembed import TextEmbedding
 
-    if name == OFFLINE_MODEL_NAME:
-        _register_offline_model()
-        folder = ensure_offline_model(models_dir / OFFLINE_MODEL_NAME)
+    if name in _OFFLINE_MODELS:
+        _register_offline_model(name)
+        folder = ensure_offline_model(models_dir / name, quantized=_OFFLINE_MODELS[name])
         return TextEmbedding(name, specific_model_path=str(folder), threads=threads)
     dims = {m["model"]: m["dim"] for m in TextEmbedding.list_supported_models()}
     if dims.get(name) != DIMENSIONS:

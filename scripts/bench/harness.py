@@ -10,6 +10,7 @@ to a file the benchmark reads back for the time split of each request.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -211,6 +212,14 @@ def engram_server(
     argv = [sys.executable, "-m", "proxy", "serve"]
     with _child(name, argv, env, root / "logs", port, "/healthz") as served:
         yield Engram(served, admin_key)
+
+
+def engram_setting(text: str) -> tuple[str, str]:
+    """An argparse type for `--engram-setting NAME=VALUE` (ENGRAM_ prefix optional)."""
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError("expected NAME=VALUE")
+    return name.strip().lower().removeprefix("engram_"), value
 
 
 def models_dir(root: Path) -> Path:

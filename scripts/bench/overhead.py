@@ -385,13 +385,6 @@ def requests_for(args: argparse.Namespace, concurrency: int) -> int:
     return DEFAULT_REQUESTS.get(concurrency, concurrency * 25)
 
 
-def _setting(text: str) -> tuple[str, str]:
-    name, equals, value = text.partition("=")
-    if not equals or not name:
-        raise argparse.ArgumentTypeError("expected NAME=VALUE")
-    return name.strip().lower().removeprefix("engram_"), value
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/bench_overhead", description="Engram's added latency over a direct call."
@@ -422,7 +415,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--engram-setting",
-        type=_setting,
+        type=harness.engram_setting,
         action="append",
         default=[],
         metavar="NAME=VALUE",

@@ -341,14 +341,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     searched, timing = {}, {"search": {}}
     with harness.workdir(args.keep) as root:
         async with harness.embedded_database(root) as database_url:
-            with harness.engram_server(root, database_url, nowhere) as engram:
+            settings = dict(args.engram_setting)
+            with harness.engram_server(root, database_url, nowhere, **settings) as engram:
                 keys = await create_users(engram, database_url, conversations)
                 memories, captured = await capture_all(engram, keys, conversations)
             timing.update(captured)
             for mode in args.search:
                 # One Engram per mode (ENGRAM_SEARCH is read at start-up), same database.
                 with harness.engram_server(
-                    root, database_url, nowhere, name=f"engram-{mode}", search=mode
+                    root,
+                    database_url,
+                    nowhere,
+                    name=f"engram-{mode}",
+                    **{**settings, "search": mode},
                 ) as engram:
                     searched[mode], timing["search"][mode] = await search_everything(
                         engram, keys, conversations, args.workers
@@ -374,6 +379,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "engram_default_mode": default_mode(),
             },
             "dedup_threshold": 1.0,
+            "engram_settings": dict(args.engram_setting),
             "memory_text": 'speaker said, "text" [and shared <blip caption>]',
             "bm25": {"k1": 1.5, "b": 0.75, "tokens": "[a-z0-9]+ of the lowercased text"},
             "rrf offline": "reciprocal rank fusion (k=60) of Engram's vector top 25 and BM25's "
@@ -398,6 +404,14 @@ def parse_args() -> argparse.Namespace:
         nargs="+",
         default=["vector", "hybrid"],
         help="ENGRAM_SEARCH modes to compare (each searched by its own Engram)",
+    )
+    parser.add_argument(
+        "--engram-setting",
+        type=harness.engram_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="start Engram with ENGRAM_<NAME>=VALUE, for experiments",
     )
     parser.add_argument("--out", type=Path, default=report.default_out("bench_retrieval"))
     parser.add_argument("--plot", type=Path, help="draw recall@k for k = 1..25 (PNG)")
