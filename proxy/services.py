@@ -24,7 +24,7 @@ from providers.ollama import OllamaProvider
 from providers.openai import OpenAIProvider
 from proxy.auth import Authenticator, Principal, authenticate_request
 from proxy.db.embedded import start_embedded, stop_embedded
-from proxy.db.evidence import record_exchange
+from proxy.db.evidence import record_exchanges
 from proxy.db.pool import Pool, claim_embedding_model, create_pool
 from proxy.db.users import KeyRecord, fetch_key
 from proxy.embeddings import Embedder
@@ -157,7 +157,7 @@ def _assemble(
         ),
         providers={name: make(settings, client) for name, make in PROVIDERS.items()},
         recorder=EvidenceRecorder(
-            partial(record_exchange, pool),
+            partial(record_exchanges, pool),
             Journal(settings.journal_dir, settings.journal_max_bytes),
             health,
         ),

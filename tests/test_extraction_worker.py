@@ -285,7 +285,7 @@ async def insert_exchanges(
             json.dumps([{"role": "user", "content": text}]),
             json.dumps({"role": "assistant", "content": "Noted."}),
         )
-        await job_sql.enqueue(db, user_id, conversation_id, holder)
+        await job_sql.enqueue_many(db, [(user_id, conversation_id, holder)])
         ids.append(conversation_id)
     return ids
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -9,7 +12,7 @@ from uuid import UUID
 
 import numpy as np
 
-from proxy.db.jobs import enqueue
+from proxy.db.jobs import enqueue_many
 from proxy.db.pool import Pool
 
 
@@ -58,59 +61,80 @@ class Exchange:
     credentials_holder: str | None = None  # the process whose memory holds the request's key
 
 
-async def record_exchange(pool: Pool, exchange: Exchange) -> None:
-    """Write both rows, the extraction job if one is due, and count the memories' use.
+async def record_exchanges(pool: Pool, exchanges: Sequence[Exchange]) -> None:
+    """Write each exchange's rows, its extraction job if one is due, and count the
+    memories' use: one transaction and a handful of round trips for the lot.
 
-    One transaction, idempotent: a retried or replayed write never duplicates.
+    Idempotent: an exchange whose conversation row exists is skipped whole, so a
+    retried or replayed write never duplicates a row or counts a use twice.
     """
-    conversation, retrieval = exchange.conversation, exchange.retrieval
+    if not exchanges:
+        return
+    conversations = [exchange.conversation for exchange in exchanges]
     async with pool.acquire() as connection, connection.transaction():
-        inserted = await connection.fetchval(
+        # jsonb goes in as text: asyncpg's jsonb codec does not reach array elements.
+        inserted = await connection.fetch(
             """
             INSERT INTO conversations (id, user_id, provider, model, messages, reply,
                                        status_code, extraction_status)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            SELECT id, user_id, provider, model, messages::jsonb, reply::jsonb,
+                   status_code, extraction_status
+            FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+                        $6::text[], $7::int[], $8::text[])
+                 AS c(id, user_id, provider, model, messages, reply, status_code,
+                      extraction_status)
             ON CONFLICT (id) DO NOTHING
-            RETURNING true
+            RETURNING id
             """,
-            conversation.id,
-            conversation.user_id,
-            conversation.provider,
-            conversation.model,
-            storable(conversation.messages),
-            storable(conversation.reply),
-            conversation.status_code,
-            conversation.extraction_status,
+            [c.id for c in conversations],
+            [c.user_id for c in conversations],
+            [c.provider for c in conversations],
+            [c.model for c in conversations],
+            [json.dumps(storable(c.messages)) for c in conversations],
+            [None if c.reply is None else json.dumps(storable(c.reply)) for c in conversations],
+            [c.status_code for c in conversations],
+            [c.extraction_status for c in conversations],
         )
-        if not inserted:
+        new_ids = {row["id"] for row in inserted}
+        fresh = [exchange for exchange in exchanges if exchange.conversation.id in new_ids]
+        if not fresh:
             return
-        await connection.execute(
+        await connection.executemany(
             """
             INSERT INTO retrieval_logs (id, user_id, conversation_id, query_text,
                                         query_embedding, memory_ids, scores, timings)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
             """,
-            retrieval.id,
-            retrieval.user_id,
-            retrieval.conversation_id,
-            storable(retrieval.query_text),
-            retrieval.query_embedding,
-            retrieval.memory_ids,
-            retrieval.scores,
-            retrieval.timings,
-        )
-        if conversation.extraction_status == "pending":
-            await enqueue(
-                connection, conversation.user_id, conversation.id, exchange.credentials_holder
+            [
+                (r.id, r.user_id, r.conversation_id, storable(r.query_text), r.query_embedding,
+                 r.memory_ids, r.scores, r.timings)
+                for r in (exchange.retrieval for exchange in fresh)
+            ],
+        )  # fmt: skip
+        due = [e for e in fresh if e.conversation.extraction_status == "pending"]
+        if due:
+            await enqueue_many(
+                connection,
+                [(e.conversation.user_id, e.conversation.id, e.credentials_holder) for e in due],
             )
-        if retrieval.memory_ids:
+        uses = Counter(
+            (exchange.retrieval.user_id, memory_id)
+            for exchange in fresh
+            for memory_id in exchange.retrieval.memory_ids
+        )
+        if uses:
+            # In id order, so two writers touching the same rows lock them alike.
+            counted = sorted(uses.items(), key=lambda item: item[0][1])
             await connection.execute(
                 """
-                UPDATE memories SET access_count = access_count + 1, last_accessed_at = now()
-                WHERE user_id = $1 AND id = ANY($2::uuid[])
+                UPDATE memories m
+                SET access_count = access_count + used.n, last_accessed_at = now()
+                FROM unnest($1::uuid[], $2::uuid[], $3::int[]) AS used(user_id, id, n)
+                WHERE m.user_id = used.user_id AND m.id = used.id
                 """,
-                retrieval.user_id,
-                retrieval.memory_ids,
+                [user_id for (user_id, _), _ in counted],
+                [memory_id for (_, memory_id), _ in counted],
+                [n for _, n in counted],
             )
 
 

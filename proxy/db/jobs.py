@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -38,17 +39,16 @@ class MemoryWrite:
     updates: UUID | None = None
 
 
-async def enqueue(
-    connection: Connection, user_id: UUID, conversation_id: UUID, credentials_holder: str | None
+async def enqueue_many(
+    connection: Connection, jobs: Sequence[tuple[UUID, UUID, str | None]]
 ) -> None:
-    await connection.execute(
+    """One job per (user id, conversation id, credentials holder); none twice."""
+    await connection.executemany(
         """
         INSERT INTO memory_jobs (user_id, conversation_id, credentials_holder)
         VALUES ($1, $2, $3) ON CONFLICT (conversation_id) DO NOTHING
         """,
-        user_id,
-        conversation_id,
-        credentials_holder,
+        jobs,
     )
 
 
