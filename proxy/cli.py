@@ -71,7 +71,8 @@ async def _work(settings: Settings) -> None:
 
     from proxy.db.pool import create_pool
     from proxy.embeddings import Embedder
-    from proxy.services import PROVIDERS, database_url, upstream_client
+    from proxy.services import PROVIDERS, database_url
+    from proxy.upstream_http import upstream_client
     from proxy.vault import CredentialVault
     from proxy.worker import ExtractionWorker, server_credentials
 

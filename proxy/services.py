@@ -32,6 +32,7 @@ from proxy.health import DatabaseHealth
 from proxy.journal import Journal
 from proxy.recorder import EvidenceRecorder
 from proxy.settings import Settings
+from proxy.upstream_http import upstream_client
 from proxy.vault import CredentialVault
 from proxy.worker import ExtractionWorker
 
@@ -92,17 +93,6 @@ async def database_url(settings: Settings) -> AsyncIterator[str]:
         yield uri
     finally:
         await stop_embedded(settings.embedded_data_dir)
-
-
-def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(
-        connect=settings.upstream_connect_timeout,
-        read=settings.upstream_read_timeout,
-        write=settings.upstream_read_timeout,
-        pool=settings.upstream_connect_timeout,
-    )
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128)
-    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
 
 
 @asynccontextmanager

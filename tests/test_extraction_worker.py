@@ -16,8 +16,9 @@ from proxy.db import jobs as job_sql
 from proxy.db.pool import Pool, create_pool
 from proxy.embeddings import Embedder
 from proxy.injection import BLOCK_START
-from proxy.services import PROVIDERS, upstream_client
+from proxy.services import PROVIDERS
 from proxy.settings import Settings
+from proxy.upstream_http import upstream_client
 from proxy.vault import CredentialVault
 from proxy.worker import ExtractionWorker
 from tests.conftest import Engram, User, eventually
