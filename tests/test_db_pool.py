@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from proxy.db.pool import ModelMismatchError, apply_schema, claim_embedding_model, create_pool
@@ -15,8 +16,37 @@ async def test_iterative_hnsw_scans_stay_on_after_connections_go_back_to_the_poo
 ) -> None:
     pool = await create_pool(database_url, min_size=1, max_size=1)
     try:
-        for _ in range(3):  # each call takes the one connection and gives it back (RESET ALL)
+        for _ in range(3):  # each call takes the one connection and gives it back
             assert await pool.fetchval("SHOW hnsw.iterative_scan") == "relaxed_order"
+    finally:
+        await pool.close()
+
+
+async def test_a_released_connection_costs_no_reset_round_trip(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    original = asyncpg.Connection.execute
+
+    async def recording(self: asyncpg.Connection, query: str, *args: object, **kw: object) -> str:
+        statements.append(query)
+        return await original(self, query, *args, **kw)  # type: ignore[arg-type]
+
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        monkeypatch.setattr(asyncpg.Connection, "execute", recording)
+        for _ in range(3):
+            assert await pool.fetchval("SELECT 1") == 1
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.fetchval("SELECT 2")
+        assert not any("RESET" in statement for statement in statements), statements
+        # A transaction still ends when its connection goes back, even unfinished.
+        connection = await pool.acquire()
+        await connection.execute("BEGIN")
+        await pool.release(connection)
+        async with pool.acquire() as again:
+            assert not again.is_in_transaction()
+        assert "ROLLBACK" in statements
     finally:
         await pool.close()
 

@@ -46,6 +46,16 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Release without asyncpg's default reset, a round trip (RESET ALL, UNLISTEN *,
+    CLOSE ALL, advisory unlocks) after every query.
+
+    Engram leaves no session state behind: no SET (SET LOCAL ends with its
+    transaction), no LISTEN, no cursors held, only transaction-scoped advisory
+    locks. asyncpg still rolls back a transaction left open before calling this.
+    """
+
+
 async def create_pool(
     dsn: str, *, min_size: int = 2, max_size: int = 10, statement_cache_size: int = 100
 ) -> Pool:
@@ -62,6 +72,7 @@ async def create_pool(
         init=_init_connection,
         timeout=CONNECT_TIMEOUT_SECONDS,  # a database that is away must fail fast
         statement_cache_size=statement_cache_size,
+        reset=_keep_session,
         # Filtered HNSW scans otherwise stop at ef_search candidates and can return
         # fewer of this user's rows than asked for. A start-up setting, because a
         # SET in `init` is undone by the RESET ALL of every release to the pool.
