@@ -19,7 +19,7 @@ import pytest
 
 from proxy.app import create_app
 from proxy.db.embedded import start_embedded
-from proxy.db.pool import apply_schema
+from proxy.db.pool import Pool, apply_schema, create_pool
 from proxy.logs import configure_logging
 from proxy.settings import Settings
 from tests.fakes.openai_server import FakeOpenAI
@@ -116,6 +116,16 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[Pool]:
+    """An Engram pool of its own on the session's database, for driving SQL directly."""
+    pool = await create_pool(database_url, min_size=1, max_size=8)
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from uuid import UUID
 
@@ -12,21 +11,12 @@ import numpy as np
 import pytest
 
 from proxy.db.evidence import ConversationRecord, Exchange, RetrievalRecord, record_exchanges
-from proxy.db.pool import Pool, create_pool
+from proxy.db.pool import Pool
 from proxy.health import DatabaseHealth
 from proxy.journal import Journal
 from proxy.recorder import EvidenceRecorder
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[Pool]:
-    pool = await create_pool(database_url, min_size=1, max_size=2)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 async def new_user_with_memories(db: asyncpg.Connection, count: int) -> tuple[UUID, list[UUID]]:

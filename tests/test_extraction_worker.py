@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 
@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 from proxy.db import jobs as job_sql
-from proxy.db.pool import Pool, create_pool
+from proxy.db.pool import Pool
 from proxy.embeddings import Embedder
 from proxy.injection import BLOCK_START
 from proxy.services import PROVIDERS
@@ -253,15 +253,6 @@ async def test_disabled_extraction_creates_no_job(
 
 
 # --- workers driven directly -------------------------------------------------
-
-
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[Pool]:
-    pool = await create_pool(database_url, min_size=1, max_size=8)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 @pytest.fixture(scope="module")

@@ -214,12 +214,23 @@ def engram_server(
         yield Engram(served, admin_key)
 
 
-def engram_setting(text: str) -> tuple[str, str]:
-    """An argparse type for `--engram-setting NAME=VALUE` (ENGRAM_ prefix optional)."""
+def _engram_setting(text: str) -> tuple[str, str]:
     name, equals, value = text.partition("=")
     if not equals or not name:
         raise argparse.ArgumentTypeError("expected NAME=VALUE")
     return name.strip().lower().removeprefix("engram_"), value
+
+
+def add_engram_setting_option(parser: argparse.ArgumentParser) -> None:
+    """`--engram-setting NAME=VALUE`, repeatable: start Engram with ENGRAM_<NAME>=VALUE."""
+    parser.add_argument(
+        "--engram-setting",
+        type=_engram_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="start Engram with ENGRAM_<NAME>=VALUE, for experiments (e.g. SEARCH=vector)",
+    )
 
 
 def models_dir(root: Path) -> Path:

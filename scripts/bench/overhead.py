@@ -413,14 +413,7 @@ def parse_args() -> argparse.Namespace:
         default="off",
         help="Engram's ENGRAM_EXTRACTION (an inline worker runs unless off)",
     )
-    parser.add_argument(
-        "--engram-setting",
-        type=harness.engram_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="start Engram with ENGRAM_<NAME>=VALUE, for experiments (e.g. SEARCH=vector)",
-    )
+    harness.add_engram_setting_option(parser)
     parser.add_argument(
         "--shared-client",
         action="store_true",

@@ -405,14 +405,7 @@ def parse_args() -> argparse.Namespace:
         default=["vector", "hybrid"],
         help="ENGRAM_SEARCH modes to compare (each searched by its own Engram)",
     )
-    parser.add_argument(
-        "--engram-setting",
-        type=harness.engram_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="start Engram with ENGRAM_<NAME>=VALUE, for experiments",
-    )
+    harness.add_engram_setting_option(parser)
     parser.add_argument("--out", type=Path, default=report.default_out("bench_retrieval"))
     parser.add_argument("--plot", type=Path, help="draw recall@k for k = 1..25 (PNG)")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
