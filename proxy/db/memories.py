@@ -41,18 +41,27 @@ class CaptureResult:
     similarity: float | None = None
 
 
-# The inner query walks the HNSW index for this user's nearest rows; the
-# threshold is applied outside it so the index scan can stop at `limit`.
+# Per-user vector search is exact on purpose: the user's rows come from the
+# covering index `memories_user_vectors` (one index-only range scan, no heap
+# page per row) and are ranked by their true distance. The distance is spelled
+# as the function `cosine_distance`, not the operator `<=>`: the HNSW index can
+# only serve an ORDER BY of the operator, so no plan (custom or generic, cached
+# or not) can turn this into a filtered graph walk, which at a million rows
+# returns a big user's nearest rows only about half the time (scripts/BENCHMARKS.md
+# section 3). The threshold is applied outside so only the top `limit` rows are
+# looked up in the table.
 _SEARCH = """
-SELECT id, content, score, metadata, occurred_at, created_at FROM (
-    SELECT id, content, 1 - (embedding <=> $2) AS score, metadata, occurred_at, created_at
+SELECT m.id, m.content, 1 - nearest.distance AS score, m.metadata, m.occurred_at, m.created_at
+FROM (
+    SELECT id, cosine_distance(embedding, $2) AS distance
     FROM memories
     WHERE user_id = $1 AND superseded_by IS NULL
-    ORDER BY embedding <=> $2
+    ORDER BY distance
     LIMIT $3
 ) nearest
-WHERE score >= $4
-ORDER BY score DESC
+JOIN memories m ON m.id = nearest.id AND m.user_id = $1
+WHERE 1 - nearest.distance >= $4
+ORDER BY nearest.distance
 """
 
 
@@ -62,10 +71,10 @@ ORDER BY score DESC
 _HYBRID_SEARCH = """
 WITH semantic AS (
     SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
-        SELECT id, embedding <=> $2 AS distance
+        SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
         FROM memories
         WHERE user_id = $1 AND superseded_by IS NULL
-        ORDER BY embedding <=> $2
+        ORDER BY distance
         LIMIT $5
     ) nearest
 ),
@@ -133,11 +142,15 @@ async def search(
 # The nearest active memory of this user, leaving out `exclude` (a memory the
 # new one replaces must not swallow it as a duplicate).
 _NEAREST = """
-SELECT id, content, confidence, 1 - (embedding <=> $2) AS score
-FROM memories
-WHERE user_id = $1 AND superseded_by IS NULL AND id <> ALL($3::uuid[])
-ORDER BY embedding <=> $2
-LIMIT 1
+SELECT m.id, m.content, m.confidence, 1 - nearest.distance AS score
+FROM (
+    SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
+    FROM memories
+    WHERE user_id = $1 AND superseded_by IS NULL AND id <> ALL($3::uuid[])
+    ORDER BY distance
+    LIMIT 1
+) nearest
+JOIN memories m ON m.id = nearest.id AND m.user_id = $1
 """
 
 

@@ -66,24 +66,44 @@ async def exact_connection(database_url: str) -> asyncpg.Connection:
 
 
 SHIPPED = "engram pool"
+HYBRID = "engram pool, hybrid"
 EXACT = "exact (enable_indexscan off)"
-# Experiments: pools whose connections start with these settings, which asyncpg's
-# RESET ALL on release returns to (unlike the SET in proxy/db/pool.py's init).
+# Hybrid's query text: words no row holds, so the lexical half is empty and the
+# fused order is the vector order, which the exact answer checks.
+HYBRID_TEXT = "what do you remember about this?"
+# The search SQL before 2026-11-22, for comparison: ORDER BY the operator, which
+# the HNSW index can serve, so a custom plan walks the graph for a big user.
+HNSW_SEARCH = """
+SELECT id, content, score, metadata, occurred_at, created_at FROM (
+    SELECT id, content, 1 - (embedding <=> $2) AS score, metadata, occurred_at, created_at
+    FROM memories
+    WHERE user_id = $1 AND superseded_by IS NULL
+    ORDER BY embedding <=> $2
+    LIMIT $3
+) nearest
+WHERE score >= $4
+ORDER BY score DESC
+"""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A pool whose connections start with `settings` (asyncpg's RESET ALL returns to them)."""
+
+    settings: dict[str, str]
+    sql: str | None = None  # None: Engram's own search (proxy.db.memories.search)
+
+
 EXPERIMENTS = {
-    # What a connection's 2nd to 5th executions of the statement get today: a plan
-    # for this user's values, with iterative scans already reset to off.
-    "custom plan, iterative off": {"plan_cache_mode": "force_custom_plan"},
-    # The same with the setting kept, as a start-up parameter would keep it.
-    "custom plan, iterative relaxed": {
-        "plan_cache_mode": "force_custom_plan",
-        "hnsw.iterative_scan": "relaxed_order",
-    },
-    # Exact order and a wider candidate list, at the price of a longer walk.
-    "custom plan, strict, ef_search 200": {
-        "plan_cache_mode": "force_custom_plan",
-        "hnsw.iterative_scan": "strict_order",
-        "hnsw.ef_search": "200",
-    },
+    # Engram's exact search read from the table (a bitmap scan of the user's rows,
+    # what the plan cache ended up with before) instead of the covering index.
+    "exact from the table (no index-only scan)": Experiment({"enable_indexonlyscan": "off"}),
+    # The previous SQL with a plan for the user's own values (a connection's first
+    # executions, or every one behind PgBouncer), iterative scans on.
+    "previous SQL, custom plan, HNSW relaxed": Experiment(
+        {"plan_cache_mode": "force_custom_plan", "hnsw.iterative_scan": "relaxed_order"},
+        HNSW_SEARCH,
+    ),
 }
 
 
@@ -110,19 +130,22 @@ async def plans_for(database_url: str, query: Query, limit: int, threshold: floa
     connection = await asyncpg.connect(database_url)
     try:
         await _types(connection)
-        await connection.execute(f"PREPARE bench_search AS {memory_sql._SEARCH}")
         # EXECUTE takes no bind parameters: the values are spelled out (all our own).
         vector = "[" + ",".join(f"{x:.7g}" for x in query.vector) + "]"
         arguments = f"'{query.user.id}', '{vector}', {int(limit)}, {float(threshold)}"
-        explain = f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE bench_search({arguments})"
         setups = {
-            f"{SHIPPED} (generic plan, iterative off)": {"plan_cache_mode": "force_generic_plan"},
+            f"{SHIPPED} (generic plan)": Experiment({"plan_cache_mode": "force_generic_plan"}),
+            f"{SHIPPED} (custom plan)": Experiment({"plan_cache_mode": "force_custom_plan"}),
             **EXPERIMENTS,
         }
         plans: dict[str, Any] = {"user_rows": query.user.rows}
-        for name, settings in setups.items():
-            for setting, value in settings.items():
+        for index, (name, setup) in enumerate(setups.items()):
+            await connection.execute(
+                f"PREPARE bench_search_{index} AS {setup.sql or memory_sql._SEARCH}"
+            )
+            for setting, value in setup.settings.items():
                 await connection.execute(f"SET {setting} = '{value}'")
+            explain = f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE bench_search_{index}({arguments})"
             plans[name] = scans([row[0] for row in await connection.fetch(explain)])
             await connection.execute("RESET ALL")
         return plans
@@ -131,13 +154,26 @@ async def plans_for(database_url: str, query: Query, limit: int, threshold: floa
 
 
 async def _timed(
-    searcher: Any, qs: list[Query], limit: int, threshold: float
+    searcher: Any,
+    qs: list[Query],
+    limit: int,
+    threshold: float,
+    sql: str | None = None,
+    text: str | None = None,
 ) -> list[tuple[float, set[uuid.UUID]]]:
+    """Each query through Engram's search (hybrid with `text`), or through `sql`."""
     answers = []
     for query in qs:
         started = time.perf_counter()
-        hits = await memory_sql.search(searcher, query.user.id, query.vector, limit, threshold)
-        answers.append(((time.perf_counter() - started) * 1000, {hit.id for hit in hits}))
+        if sql is None:
+            hits = await memory_sql.search(
+                searcher, query.user.id, query.vector, limit, threshold, text
+            )
+            found = {hit.id for hit in hits}
+        else:
+            rows = await searcher.fetch(sql, query.user.id, query.vector, limit, threshold)
+            found = {row["id"] for row in rows}
+        answers.append(((time.perf_counter() - started) * 1000, found))
     return answers
 
 
@@ -147,21 +183,30 @@ async def measure_search(
     """Each query exactly, through Engram's pool, and through the experiments; one at a time."""
     exact = await exact_connection(database_url)
     try:
-        await _timed(exact, qs[:warmup], limit, threshold)
-        truth = await _timed(exact, qs, limit, threshold)
+        # The previous SQL, which without index scans can only rank every row of the user.
+        await _timed(exact, qs[:warmup], limit, threshold, HNSW_SEARCH)
+        truth = await _timed(exact, qs, limit, threshold, HNSW_SEARCH)
     finally:
         await exact.close()
     samples = {EXACT: [_sample(q, ms, got, got) for q, (ms, got) in zip(qs, truth, strict=True)]}
-    pools = {SHIPPED: lambda: create_pool(database_url)}
-    for name, settings in EXPERIMENTS.items():
-        pools[name] = lambda settings=settings: experiment_pool(database_url, settings)
+    # (open the pool, its SQL, hybrid text): Engram's pool twice (vector, hybrid), then experiments.
+    runs: dict[str, tuple[Any, str | None, str | None]] = {
+        SHIPPED: (lambda: create_pool(database_url), None, None),
+        HYBRID: (lambda: create_pool(database_url), None, HYBRID_TEXT),
+    }
+    for name, setup in EXPERIMENTS.items():
+        runs[name] = (
+            lambda settings=setup.settings: experiment_pool(database_url, settings),
+            setup.sql,
+            None,
+        )
     setting_after_use = {}
-    for name, open_pool in pools.items():
+    for name, (open_pool, sql, text) in runs.items():
         pool = await open_pool()
         try:
             # Statements get prepared on each connection, and pages cached.
-            await _timed(pool, qs[:warmup], limit, threshold)
-            answers = await _timed(pool, qs, limit, threshold)
+            await _timed(pool, qs[:warmup], limit, threshold, sql, text)
+            answers = await _timed(pool, qs, limit, threshold, sql, text)
             setting_after_use[name] = await pool.fetchval("SHOW hnsw.iterative_scan")
         finally:
             await pool.close()
