@@ -52,3 +52,16 @@ async def test_a_query_of_stop_words_alone_falls_back_to_vectors(
     user = engram.create_user()
     await fill(engram, user, db)
     assert len(search(engram, user, "what is it?")) == 5
+
+
+async def test_a_common_word_alone_does_not_outrank_the_meaning(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    user = engram.create_user()
+    await fill(engram, user, db)
+    flight = str(engram.capture(user, "Tomorrow morning I fly out to Tokyo for two weeks.")["id"])
+    # Only "user's" matches any memory (forty of them); "trip" and "Japan" match
+    # none, so they hold nearly all the query's word weight and the forty gain
+    # almost nothing. Ranked by places, not scores, the forty came first.
+    hits = search(engram, user, "When does the user's trip to Japan start?")
+    assert hits[0]["id"] == flight

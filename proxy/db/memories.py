@@ -57,8 +57,15 @@ ORDER BY score DESC
 
 
 # Hybrid: the user's nearest memories by vector and their best matches by words
-# (any of the query's words), fused by reciprocal rank. `score` stays the
-# cosine similarity, which the threshold applies to.
+# (any of the query's words, each weighted by its rarity among the user's
+# memories) are the candidates; each is ranked by its cosine similarity plus
+# WORDS_WEIGHT times its word coverage, the share of the query's word weight it
+# matches (0 to 1; a word no memory holds weighs most, so a query whose rare
+# words match nothing gives a common word that does match little). Scores, not
+# ranks: reciprocal rank fusion ranked a memory by its place in each list,
+# however far apart the scores behind two places were (scripts/BENCHMARKS.md,
+# experiments). `score` stays the cosine similarity, which the threshold
+# applies to.
 _HYBRID_SEARCH = """
 WITH semantic AS (
     SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
@@ -79,33 +86,38 @@ matches AS (
     WHERE m.user_id = $1 AND m.superseded_by IS NULL
 ),
 rarity AS (
-    SELECT word, ln(1 + (total.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
-    FROM matches, (SELECT count(*) AS n FROM memories
-                   WHERE user_id = $1 AND superseded_by IS NULL) total
+    SELECT word, ln(1 + (total.n - count(matches.id) + 0.5) / (count(matches.id) + 0.5)) AS idf
+    FROM terms LEFT JOIN matches USING (word),
+         (SELECT count(*) AS n FROM memories WHERE user_id = $1 AND superseded_by IS NULL) total
     GROUP BY word, total.n
 ),
 lexical AS (
-    SELECT id, row_number() OVER (ORDER BY sum(idf) DESC) AS rank
+    SELECT id, sum(idf) / (SELECT sum(idf) FROM rarity) AS coverage
     FROM matches JOIN rarity USING (word)
     GROUP BY id
-    ORDER BY sum(idf) DESC
-    LIMIT $5
 ),
-fused AS (
-    SELECT id, sum(1.0 / (60 + rank)) AS fusion
-    FROM (SELECT * FROM semantic UNION ALL SELECT * FROM lexical) ranked
-    GROUP BY id
+candidates AS (
+    SELECT id FROM semantic
+    UNION
+    (SELECT id FROM lexical ORDER BY coverage DESC, id LIMIT $5)
 )
-SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
-       m.created_at
-FROM fused JOIN memories m ON m.id = fused.id AND m.user_id = $1
-WHERE 1 - (m.embedding <=> $2) >= $4
-ORDER BY fused.fusion DESC, score DESC
+SELECT id, content, score, metadata, occurred_at, created_at FROM (
+    SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
+           m.created_at, coalesce(lexical.coverage, 0) AS coverage
+    FROM candidates
+    JOIN memories m ON m.id = candidates.id AND m.user_id = $1
+    LEFT JOIN lexical ON lexical.id = m.id
+) scored
+WHERE score >= $4
+ORDER BY score + $7 * coverage DESC, id
 LIMIT $6
 """
 
 # Candidates each half brings to the fusion, at least.
 _MIN_CANDIDATES = 30
+# What matching every word of the query adds to a memory's cosine similarity.
+# LoCoMo recall@10 is flat from 0.33 to 1 (0.70-0.71, scripts/BENCHMARKS.md).
+WORDS_WEIGHT = 0.5
 
 
 async def search(
@@ -125,7 +137,14 @@ async def search(
     else:
         candidates = max(limit * 3, _MIN_CANDIDATES)
         rows = await pool.fetch(
-            _HYBRID_SEARCH, user_id, embedding, query_text, threshold, candidates, limit
+            _HYBRID_SEARCH,
+            user_id,
+            embedding,
+            query_text,
+            threshold,
+            candidates,
+            limit,
+            WORDS_WEIGHT,
         )
     return [MemoryHit(**dict(row)) for row in rows]
 
