@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -66,6 +66,12 @@ ORDER BY score DESC
 # however far apart the scores behind two places were (scripts/BENCHMARKS.md,
 # experiments). `score` stays the cosine similarity, which the threshold
 # applies to.
+#
+# Context: a memory captured just before or after one that matches the query's
+# words (within CONTEXT_WINDOW, so in the same sitting) gets CONTEXT_SHARE of
+# that coverage. In a conversation captured turn by turn, the turn that holds
+# the answer ("five years already!") often shares no word with the question;
+# the turn it answers does.
 _HYBRID_SEARCH = """
 WITH semantic AS (
     SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
@@ -96,17 +102,38 @@ lexical AS (
     FROM matches JOIN rarity USING (word)
     GROUP BY id
 ),
+best_words AS (
+    SELECT id, coverage FROM lexical ORDER BY coverage DESC, id LIMIT $5
+),
+context AS (
+    SELECT beside.id, sum(best_words.coverage) * $8 AS coverage
+    FROM best_words
+    JOIN memories m ON m.id = best_words.id
+    CROSS JOIN LATERAL (
+        (SELECT n.id FROM memories n
+         WHERE n.user_id = $1 AND n.superseded_by IS NULL
+           AND (n.created_at, n.id) < (m.created_at, m.id)
+           AND n.created_at >= m.created_at - $9::interval
+         ORDER BY n.created_at DESC, n.id DESC LIMIT 1)
+        UNION ALL
+        (SELECT n.id FROM memories n
+         WHERE n.user_id = $1 AND n.superseded_by IS NULL
+           AND (n.created_at, n.id) > (m.created_at, m.id)
+           AND n.created_at <= m.created_at + $9::interval
+         ORDER BY n.created_at, n.id LIMIT 1)
+    ) beside
+    GROUP BY beside.id
+),
 candidates AS (
-    SELECT id FROM semantic
-    UNION
-    (SELECT id FROM lexical ORDER BY coverage DESC, id LIMIT $5)
+    SELECT id FROM semantic UNION SELECT id FROM best_words UNION SELECT id FROM context
 )
 SELECT id, content, score, metadata, occurred_at, created_at FROM (
     SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
-           m.created_at, coalesce(lexical.coverage, 0) AS coverage
+           m.created_at, coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
     FROM candidates
     JOIN memories m ON m.id = candidates.id AND m.user_id = $1
     LEFT JOIN lexical ON lexical.id = m.id
+    LEFT JOIN context ON context.id = m.id
 ) scored
 WHERE score >= $4
 ORDER BY score + $7 * coverage DESC, id
@@ -118,6 +145,9 @@ _MIN_CANDIDATES = 30
 # What matching every word of the query adds to a memory's cosine similarity.
 # LoCoMo recall@10 is flat from 0.33 to 1 (0.70-0.71, scripts/BENCHMARKS.md).
 WORDS_WEIGHT = 0.5
+# The share of a memory's word coverage its neighbours in capture order get.
+CONTEXT_SHARE = 0.5
+CONTEXT_WINDOW = timedelta(minutes=10)
 
 
 async def search(
@@ -145,6 +175,8 @@ async def search(
             candidates,
             limit,
             WORDS_WEIGHT,
+            CONTEXT_SHARE,
+            CONTEXT_WINDOW,
         )
     return [MemoryHit(**dict(row)) for row in rows]
 
