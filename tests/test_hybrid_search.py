@@ -99,3 +99,15 @@ async def test_memories_captured_apart_are_not_context(
         answer,
     )
     assert answer not in [hit["id"] for hit in search(engram, user, QUESTION)]
+
+
+async def test_words_side_by_side_as_in_the_query_count_more(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    user = engram.create_user()
+    await fill(engram, user, db)
+    phrase = str(engram.capture(user, "The user goes to a support group for new parents.")["id"])
+    apart = str(engram.capture(user, "The user goes to a group for support every week.")["id"])
+    # Both hold every word of the query; the second is closer by cosine (0.70 vs 0.58).
+    ids = [hit["id"] for hit in search(engram, user, "Which support group is the user in?")]
+    assert ids.index(phrase) < ids.index(apart)

@@ -60,12 +60,13 @@ ORDER BY score DESC
 # (any of the query's words, each weighted by its rarity among the user's
 # memories) are the candidates; each is ranked by its cosine similarity plus
 # WORDS_WEIGHT times its word coverage, the share of the query's word weight it
-# matches (0 to 1; a word no memory holds weighs most, so a query whose rare
-# words match nothing gives a common word that does match little). Scores, not
-# ranks: reciprocal rank fusion ranked a memory by its place in each list,
-# however far apart the scores behind two places were (scripts/BENCHMARKS.md,
-# experiments). `score` stays the cosine similarity, which the threshold
-# applies to.
+# matches (a word no memory holds weighs most, so a query whose rare words
+# match nothing gives a common word that does match little; two of the query's
+# words side by side in a memory, as in the query, add PHRASE_SHARE of their
+# weight again). Scores, not ranks: reciprocal rank fusion ranked a memory by
+# its place in each list, however far apart the scores behind two places were
+# (scripts/BENCHMARKS.md, experiments). `score` stays the cosine similarity,
+# which the threshold applies to.
 #
 # Context: a memory captured just before or after one that matches the query's
 # words (within CONTEXT_WINDOW, so in the same sitting) gets CONTEXT_SHARE of
@@ -83,12 +84,23 @@ WITH semantic AS (
     ) nearest
 ),
 terms AS (
-    SELECT DISTINCT word, to_tsquery('simple', quote_literal(word)) AS query
-    FROM unnest(tsvector_to_array(to_tsvector('english', $3))) AS word
+    SELECT lexeme AS word, positions, to_tsquery('simple', quote_literal(lexeme)) AS query
+    FROM unnest(to_tsvector('english', $3))
+),
+phrases AS (
+    SELECT a.word AS first, b.word AS second,
+           to_tsquery('simple', quote_literal(a.word) || ' <-> ' || quote_literal(b.word)) AS query
+    FROM terms a, terms b
+    WHERE EXISTS (SELECT FROM unnest(a.positions) p, unnest(b.positions) q WHERE q = p + 1)
 ),
 matches AS (
     SELECT m.id, terms.word
     FROM memories m JOIN terms ON m.content_tsv @@ terms.query
+    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+),
+phrase_matches AS (
+    SELECT m.id, phrases.first, phrases.second
+    FROM memories m JOIN phrases ON m.content_tsv @@ phrases.query
     WHERE m.user_id = $1 AND m.superseded_by IS NULL
 ),
 rarity AS (
@@ -98,8 +110,14 @@ rarity AS (
     GROUP BY word, total.n
 ),
 lexical AS (
-    SELECT id, sum(idf) / (SELECT sum(idf) FROM rarity) AS coverage
-    FROM matches JOIN rarity USING (word)
+    SELECT id, sum(weight) / (SELECT sum(idf) FROM rarity) AS coverage FROM (
+        SELECT id, idf AS weight FROM matches JOIN rarity USING (word)
+        UNION ALL
+        SELECT id, $10 * (first.idf + second.idf)
+        FROM phrase_matches
+        JOIN rarity first ON first.word = phrase_matches.first
+        JOIN rarity second ON second.word = phrase_matches.second
+    ) weighed
     GROUP BY id
 ),
 best_words AS (
@@ -145,6 +163,9 @@ _MIN_CANDIDATES = 30
 # What matching every word of the query adds to a memory's cosine similarity.
 # LoCoMo recall@10 is flat from 0.33 to 1 (0.70-0.71, scripts/BENCHMARKS.md).
 WORDS_WEIGHT = 0.5
+# What two of the query's words side by side in a memory add, as a share of
+# their weight, on top of the words themselves ("support group", "New York").
+PHRASE_SHARE = 0.5
 # The share of a memory's word coverage its neighbours in capture order get.
 CONTEXT_SHARE = 0.5
 CONTEXT_WINDOW = timedelta(minutes=10)
@@ -177,6 +198,7 @@ async def search(
             WORDS_WEIGHT,
             CONTEXT_SHARE,
             CONTEXT_WINDOW,
+            PHRASE_SHARE,
         )
     return [MemoryHit(**dict(row)) for row in rows]
 
