@@ -95,6 +95,10 @@ ALTER TABLE memories SET (autovacuum_vacuum_insert_scale_factor = 0.02,
 ALTER TABLE memories ADD COLUMN IF NOT EXISTS content_tsv tsvector
     GENERATED ALWAYS AS (to_tsvector('english', content)) STORED;
 CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_tsv);
+-- A memory's neighbours in capture order, which hybrid search credits with
+-- the words of the memory beside them (a conversation's turns).
+CREATE INDEX IF NOT EXISTS memories_active_user_created
+    ON memories (user_id, created_at, id) WHERE superseded_by IS NULL;
 
 -- Why did the model say that? One row per proxied call: what was asked, which
 -- memories were found with which scores, and where the time went.

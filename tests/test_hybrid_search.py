@@ -52,3 +52,62 @@ async def test_a_query_of_stop_words_alone_falls_back_to_vectors(
     user = engram.create_user()
     await fill(engram, user, db)
     assert len(search(engram, user, "what is it?")) == 5
+
+
+async def test_a_common_word_alone_does_not_outrank_the_meaning(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    user = engram.create_user()
+    await fill(engram, user, db)
+    flight = str(engram.capture(user, "Tomorrow morning I fly out to Tokyo for two weeks.")["id"])
+    # Only "user's" matches any memory (forty of them); "trip" and "Japan" match
+    # none, so they hold nearly all the query's word weight and the forty gain
+    # almost nothing. Ranked by places, not scores, the forty came first.
+    hits = search(engram, user, "When does the user's trip to Japan start?")
+    assert hits[0]["id"] == flight
+
+
+QUESTION = "How long has Melanie been married to her husband?"
+
+
+async def capture_exchange(engram: Engram, user: User, db: asyncpg.Connection) -> str:
+    """Forty memories closer to the question than its answer, then the exchange that has it."""
+    await db.execute("UPDATE users SET dedup_threshold = 1 WHERE id = $1::uuid", user.id)
+    for n in range(40):
+        engram.capture(user, f"Melanie's friend number {n} keeps a {ANIMALS[n % 8]} as a pet.")
+    engram.capture(user, "Caroline asked Melanie how long she and her husband have been married.")
+    return str(engram.capture(user, "In June 2019.")["id"])
+
+
+async def test_the_memory_captured_beside_a_match_shares_its_words(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    user = engram.create_user()
+    answer = await capture_exchange(engram, user, db)
+    # Cosine 0.24 against the pets' 0.43: the words of the turn before it lift it
+    # (as they lift the pet captured just before that turn).
+    assert answer in [hit["id"] for hit in search(engram, user, QUESTION)[:3]]
+
+
+async def test_memories_captured_apart_are_not_context(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    user = engram.create_user()
+    answer = await capture_exchange(engram, user, db)
+    await db.execute(
+        "UPDATE memories SET created_at = created_at + interval '1 hour' WHERE id = $1::uuid",
+        answer,
+    )
+    assert answer not in [hit["id"] for hit in search(engram, user, QUESTION)]
+
+
+async def test_words_side_by_side_as_in_the_query_count_more(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    user = engram.create_user()
+    await fill(engram, user, db)
+    phrase = str(engram.capture(user, "The user goes to a support group for new parents.")["id"])
+    apart = str(engram.capture(user, "The user goes to a group for support every week.")["id"])
+    # Both hold every word of the query; the second is closer by cosine (0.70 vs 0.58).
+    ids = [hit["id"] for hit in search(engram, user, "Which support group is the user in?")]
+    assert ids.index(phrase) < ids.index(apart)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -66,8 +66,22 @@ ORDER BY nearest.distance
 
 
 # Hybrid: the user's nearest memories by vector and their best matches by words
-# (any of the query's words), fused by reciprocal rank. `score` stays the
-# cosine similarity, which the threshold applies to.
+# (any of the query's words, each weighted by its rarity among the user's
+# memories) are the candidates; each is ranked by its cosine similarity plus
+# WORDS_WEIGHT times its word coverage, the share of the query's word weight it
+# matches (a word no memory holds weighs most, so a query whose rare words
+# match nothing gives a common word that does match little; two of the query's
+# words side by side in a memory, as in the query, add PHRASE_SHARE of their
+# weight again). Scores, not ranks: reciprocal rank fusion ranked a memory by
+# its place in each list, however far apart the scores behind two places were
+# (scripts/BENCHMARKS.md, experiments). `score` stays the cosine similarity,
+# which the threshold applies to.
+#
+# Context: a memory captured just before or after one that matches the query's
+# words (within CONTEXT_WINDOW, so in the same sitting) gets CONTEXT_SHARE of
+# that coverage. In a conversation captured turn by turn, the turn that holds
+# the answer ("five years already!") often shares no word with the question;
+# the turn it answers does.
 _HYBRID_SEARCH = """
 WITH semantic AS (
     SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
@@ -79,42 +93,92 @@ WITH semantic AS (
     ) nearest
 ),
 terms AS (
-    SELECT DISTINCT word, to_tsquery('simple', quote_literal(word)) AS query
-    FROM unnest(tsvector_to_array(to_tsvector('english', $3))) AS word
+    SELECT lexeme AS word, positions, to_tsquery('simple', quote_literal(lexeme)) AS query
+    FROM unnest(to_tsvector('english', $3))
+),
+phrases AS (
+    SELECT a.word AS first, b.word AS second,
+           to_tsquery('simple', quote_literal(a.word) || ' <-> ' || quote_literal(b.word)) AS query
+    FROM terms a, terms b
+    WHERE EXISTS (SELECT FROM unnest(a.positions) p, unnest(b.positions) q WHERE q = p + 1)
 ),
 matches AS (
     SELECT m.id, terms.word
     FROM memories m JOIN terms ON m.content_tsv @@ terms.query
     WHERE m.user_id = $1 AND m.superseded_by IS NULL
 ),
+phrase_matches AS (
+    SELECT m.id, phrases.first, phrases.second
+    FROM memories m JOIN phrases ON m.content_tsv @@ phrases.query
+    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+),
 rarity AS (
-    SELECT word, ln(1 + (total.n - count(*) + 0.5) / (count(*) + 0.5)) AS idf
-    FROM matches, (SELECT count(*) AS n FROM memories
-                   WHERE user_id = $1 AND superseded_by IS NULL) total
+    SELECT word, ln(1 + (total.n - count(matches.id) + 0.5) / (count(matches.id) + 0.5)) AS idf
+    FROM terms LEFT JOIN matches USING (word),
+         (SELECT count(*) AS n FROM memories WHERE user_id = $1 AND superseded_by IS NULL) total
     GROUP BY word, total.n
 ),
 lexical AS (
-    SELECT id, row_number() OVER (ORDER BY sum(idf) DESC) AS rank
-    FROM matches JOIN rarity USING (word)
+    SELECT id, sum(weight) / (SELECT sum(idf) FROM rarity) AS coverage FROM (
+        SELECT id, idf AS weight FROM matches JOIN rarity USING (word)
+        UNION ALL
+        SELECT id, $10 * (first.idf + second.idf)
+        FROM phrase_matches
+        JOIN rarity first ON first.word = phrase_matches.first
+        JOIN rarity second ON second.word = phrase_matches.second
+    ) weighed
     GROUP BY id
-    ORDER BY sum(idf) DESC
-    LIMIT $5
 ),
-fused AS (
-    SELECT id, sum(1.0 / (60 + rank)) AS fusion
-    FROM (SELECT * FROM semantic UNION ALL SELECT * FROM lexical) ranked
-    GROUP BY id
+best_words AS (
+    SELECT id, coverage FROM lexical ORDER BY coverage DESC, id LIMIT $5
+),
+context AS (
+    SELECT beside.id, sum(best_words.coverage) * $8 AS coverage
+    FROM best_words
+    JOIN memories m ON m.id = best_words.id
+    CROSS JOIN LATERAL (
+        (SELECT n.id FROM memories n
+         WHERE n.user_id = $1 AND n.superseded_by IS NULL
+           AND (n.created_at, n.id) < (m.created_at, m.id)
+           AND n.created_at >= m.created_at - $9::interval
+         ORDER BY n.created_at DESC, n.id DESC LIMIT 1)
+        UNION ALL
+        (SELECT n.id FROM memories n
+         WHERE n.user_id = $1 AND n.superseded_by IS NULL
+           AND (n.created_at, n.id) > (m.created_at, m.id)
+           AND n.created_at <= m.created_at + $9::interval
+         ORDER BY n.created_at, n.id LIMIT 1)
+    ) beside
+    GROUP BY beside.id
+),
+candidates AS (
+    SELECT id FROM semantic UNION SELECT id FROM best_words UNION SELECT id FROM context
 )
-SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
-       m.created_at
-FROM fused JOIN memories m ON m.id = fused.id AND m.user_id = $1
-WHERE 1 - (m.embedding <=> $2) >= $4
-ORDER BY fused.fusion DESC, score DESC
+SELECT id, content, score, metadata, occurred_at, created_at FROM (
+    SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
+           m.created_at, coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
+    FROM candidates
+    JOIN memories m ON m.id = candidates.id AND m.user_id = $1
+    LEFT JOIN lexical ON lexical.id = m.id
+    LEFT JOIN context ON context.id = m.id
+) scored
+WHERE score >= $4
+ORDER BY score + $7 * coverage DESC, id
 LIMIT $6
 """
 
 # Candidates each half brings to the fusion, at least.
 _MIN_CANDIDATES = 30
+# What matching every word of the query adds to a memory's cosine similarity.
+# LoCoMo recall@10: 0.726 / 0.743 / 0.748 at 0.33 / 0.5 / 1 (scripts/BENCHMARKS.md);
+# past 0.5 words start to decide alone among memories that hold them.
+WORDS_WEIGHT = 0.5
+# What two of the query's words side by side in a memory add, as a share of
+# their weight, on top of the words themselves ("support group", "New York").
+PHRASE_SHARE = 0.5
+# The share of a memory's word coverage its neighbours in capture order get.
+CONTEXT_SHARE = 0.5
+CONTEXT_WINDOW = timedelta(minutes=10)
 
 
 async def search(
@@ -134,7 +198,17 @@ async def search(
     else:
         candidates = max(limit * 3, _MIN_CANDIDATES)
         rows = await pool.fetch(
-            _HYBRID_SEARCH, user_id, embedding, query_text, threshold, candidates, limit
+            _HYBRID_SEARCH,
+            user_id,
+            embedding,
+            query_text,
+            threshold,
+            candidates,
+            limit,
+            WORDS_WEIGHT,
+            CONTEXT_SHARE,
+            CONTEXT_WINDOW,
+            PHRASE_SHARE,
         )
     return [MemoryHit(**dict(row)) for row in rows]
 
