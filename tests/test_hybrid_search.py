@@ -106,8 +106,10 @@ async def test_words_side_by_side_as_in_the_query_count_more(
 ) -> None:
     user = engram.create_user()
     await fill(engram, user, db)
-    phrase = str(engram.capture(user, "The user goes to a support group for new parents.")["id"])
-    apart = str(engram.capture(user, "The user goes to a group for support every week.")["id"])
-    # Both hold every word of the query; the second is closer by cosine (0.70 vs 0.58).
+    phrase = str(engram.capture(user, "The user is in a support group at the library.")["id"])
+    # Between them, so neither gets the other's words as context.
+    engram.capture(user, "The user's neighbour plays the cello on Sundays.")
+    apart = str(engram.capture(user, "The user is in a group at the library for support.")["id"])
+    # Both hold every word of the query; the second is closer by cosine (0.71 vs 0.67).
     ids = [hit["id"] for hit in search(engram, user, "Which support group is the user in?")]
     assert ids.index(phrase) < ids.index(apart)
