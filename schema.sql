@@ -75,8 +75,10 @@ CREATE TABLE IF NOT EXISTS memories (
     updated_at             timestamptz NOT NULL DEFAULT now(),
     UNIQUE (user_id, content_hash)
 );
-CREATE INDEX IF NOT EXISTS memories_embedding_hnsw
-    ON memories USING hnsw (embedding vector_cosine_ops);
+-- Per-user search is exact, from memories_user_vectors (scripts/BENCHMARKS.md section 3).
+DROP INDEX IF EXISTS memories_embedding_hnsw;
+-- A user's active rows by key alone, a hundredth the size of memories_user_vectors:
+-- hybrid search counts them (once per matching row, as PostgreSQL plans it).
 CREATE INDEX IF NOT EXISTS memories_active_user
     ON memories (user_id) WHERE superseded_by IS NULL;
 -- Per-user vector search reads a user's vectors from here, not from the table:

@@ -7,10 +7,11 @@ import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -106,6 +107,23 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     uri = asyncio.run(start_embedded(data_dir, cleanup_mode="delete"))
     asyncio.run(apply_schema(uri))
     return uri
+
+
+@asynccontextmanager
+async def scratch_database(database_url: str) -> AsyncIterator[str]:
+    """A database of its own on the session's server, with the schema; dropped afterwards."""
+    name = f"engram_scratch_{uuid.uuid4().hex[:8]}"
+    server = await asyncpg.connect(database_url)
+    try:
+        await server.execute(f"CREATE DATABASE {name}")
+        try:
+            url = urlsplit(database_url)._replace(path=f"/{name}").geturl()
+            await apply_schema(url)
+            yield url
+        finally:
+            await server.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await server.close()
 
 
 @pytest.fixture

@@ -7,15 +7,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import numpy as np
 import pytest
 
 from proxy.db import memories as memory_sql
 from proxy.db.pool import Pool, create_pool
+from tests.conftest import scratch_database
 
 pytestmark = pytest.mark.anyio
 
-ROWS = 3000  # most of the test database: a custom plan would walk the HNSW graph for it
+ROWS = 3000  # most of the test database: every plan must still rank all of the user's rows
 LIMIT = 10
 
 
@@ -71,20 +73,68 @@ async def test_search_returns_the_true_nearest_rows_through_custom_and_generic_p
         assert [hit.id for hit in hybrid] == expected  # no word matches: the vector order
 
 
+# A table shaped like production's: many users, one of them owning 1 % of the
+# rows. The planner reads a user's rows by index only when they are a small part
+# of the table, which the session's database (mostly big_user's rows) is not.
+CROWD_USERS = 2000
+CROWD_ROWS_EACH = 10
+BIG_USER_ROWS = 200
+
+
+@pytest.fixture(scope="module")
+async def crowded_database(database_url: str) -> AsyncIterator[tuple[str, dict[str, uuid.UUID]]]:
+    """Its URL, and the ids of an ordinary user and of the 1 % user."""
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            users = await connection.fetch(
+                """
+                INSERT INTO users (email)
+                SELECT 'crowd-' || n || '@example.com' FROM generate_series(1, $1) n
+                RETURNING id
+                """,
+                CROWD_USERS + 1,
+            )
+            await connection.execute(
+                """
+                INSERT INTO memories (user_id, content, content_hash, embedding)
+                SELECT owner, 'memory ' || n, md5(owner::text || n),
+                       array_fill((n % 7 + 1)::real, ARRAY[384])::vector
+                FROM unnest($1::uuid[], $2::int[]) AS users(owner, rows),
+                     generate_series(1, rows) n
+                """,
+                [row["id"] for row in users],
+                [BIG_USER_ROWS] + [CROWD_ROWS_EACH] * CROWD_USERS,
+            )
+            await connection.execute("VACUUM (ANALYZE) memories")
+        finally:
+            await connection.close()
+        yield url, {"1%": users[0]["id"], "ordinary": users[1]["id"]}
+
+
+@pytest.mark.parametrize("who", ["ordinary", "1%"])
 @pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
-async def test_no_plan_of_the_search_walks_the_hnsw_graph(
-    pool: Pool, big_user: tuple[uuid.UUID, Any], plan: str
+async def test_every_plan_of_the_search_reads_the_users_vectors_by_index_only(
+    crowded_database: tuple[str, dict[str, uuid.UUID]], plan: str, who: str
 ) -> None:
-    user_id, (vectors, _) = big_user
-    async with pool.acquire() as connection, connection.transaction():
-        await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
-        await connection.execute(f"PREPARE engram_search AS {memory_sql._SEARCH}")
-        literal = "[" + ",".join(f"{x:.7g}" for x in vectors[0]) + "]"
-        rows = await connection.fetch(
-            f"EXPLAIN EXECUTE engram_search('{user_id}', '{literal}', {LIMIT}, 0)"
-        )
-        await connection.execute("DEALLOCATE engram_search")
-    plan_text = "\n".join(row[0] for row in rows)
-    # Here the user owns most of the table, so the planner may read it whole; at
-    # scale it reads memories_user_vectors (scripts/bench_scale records the plans).
-    assert "memories_embedding_hnsw" not in plan_text
+    url, users = crowded_database
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
+            await connection.execute(f"PREPARE engram_search AS {memory_sql._SEARCH}")
+            literal = "[" + ",".join(["0.5"] * 384) + "]"
+            rows = await connection.fetch(
+                f"EXPLAIN EXECUTE engram_search('{users[who]}', '{literal}', {LIMIT}, 0)"
+            )
+            await connection.execute("DEALLOCATE engram_search")
+    finally:
+        await pool.close()
+    scans = [row[0].strip().removeprefix("->  ").split("  (")[0] for row in rows]
+    scans = [scan for scan in scans if " on memories" in scan]
+    # The user's vectors from the covering index, not the table; then only the
+    # LIMIT nearest rows looked up by primary key.
+    assert scans == [
+        "Index Only Scan using memories_user_vectors on memories",
+        "Index Scan using memories_pkey on memories m",
+    ]

@@ -6,20 +6,9 @@ import asyncpg
 import pytest
 
 from proxy.db.pool import ModelMismatchError, apply_schema, claim_embedding_model, create_pool
-from tests.conftest import Engram
+from tests.conftest import Engram, scratch_database
 
 pytestmark = pytest.mark.anyio
-
-
-async def test_iterative_hnsw_scans_stay_on_after_connections_go_back_to_the_pool(
-    database_url: str,
-) -> None:
-    pool = await create_pool(database_url, min_size=1, max_size=1)
-    try:
-        for _ in range(3):  # each call takes the one connection and gives it back
-            assert await pool.fetchval("SHOW hnsw.iterative_scan") == "relaxed_order"
-    finally:
-        await pool.close()
 
 
 async def test_a_released_connection_costs_no_reset_round_trip(
@@ -54,6 +43,24 @@ async def test_a_released_connection_costs_no_reset_round_trip(
 async def test_the_schema_applies_again_without_change(database_url: str) -> None:
     await apply_schema(database_url)
     await apply_schema(database_url)
+
+
+async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(database_url: str) -> None:
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            # What schema.sql created before per-user search became exact.
+            await connection.execute(
+                "CREATE INDEX memories_embedding_hnsw ON memories "
+                "USING hnsw (embedding vector_cosine_ops)"
+            )
+            await apply_schema(url)
+            indexes = await connection.fetch("SELECT indexname FROM pg_indexes")
+        finally:
+            await connection.close()
+    names = {row["indexname"] for row in indexes}
+    assert "memories_user_vectors" in names
+    assert not any("hnsw" in name for name in names), names
 
 
 async def test_another_embedding_model_is_refused_naming_both(

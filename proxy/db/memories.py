@@ -44,12 +44,12 @@ class CaptureResult:
 # Per-user vector search is exact on purpose: the user's rows come from the
 # covering index `memories_user_vectors` (one index-only range scan, no heap
 # page per row) and are ranked by their true distance. The distance is spelled
-# as the function `cosine_distance`, not the operator `<=>`: the HNSW index can
-# only serve an ORDER BY of the operator, so no plan (custom or generic, cached
-# or not) can turn this into a filtered graph walk, which at a million rows
-# returns a big user's nearest rows only about half the time (scripts/BENCHMARKS.md
-# section 3). The threshold is applied outside so only the top `limit` rows are
-# looked up in the table.
+# as the function `cosine_distance`, not the operator `<=>`: a vector index
+# (schema.sql has none since it dropped the HNSW one) can only serve an ORDER BY
+# of the operator, so no plan could turn this into a filtered graph walk, which
+# at a million rows returned a big user's nearest rows only about half the time
+# (scripts/BENCHMARKS.md section 3). The threshold is applied outside so only
+# the top `limit` rows are looked up in the table.
 _SEARCH = """
 SELECT m.id, m.content, 1 - nearest.distance AS score, m.metadata, m.occurred_at, m.created_at
 FROM (

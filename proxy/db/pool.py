@@ -73,10 +73,6 @@ async def create_pool(
         timeout=CONNECT_TIMEOUT_SECONDS,  # a database that is away must fail fast
         statement_cache_size=statement_cache_size,
         reset=_keep_session,
-        # Filtered HNSW scans otherwise stop at ef_search candidates and can return
-        # fewer of this user's rows than asked for. A start-up setting, so that no
-        # RESET ALL (asyncpg's default release, a pooler's) can undo it.
-        server_settings={"hnsw.iterative_scan": "relaxed_order"},
     )
     assert pool is not None
     return pool

@@ -1,4 +1,4 @@
-"""Per-user search as Engram runs it, against the exact answer of the same SQL."""
+"""Per-user search as Engram runs it, against an exact answer read from the table."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def queries(users: list[User], args: argparse.Namespace, centres: Any, rng: Any)
 
     A share of them (`--off-topic`) lie near a topic the user owns no memory of:
     its nearest rows are then far away, among other users' rows, which is where
-    a filtered HNSW scan has to walk furthest.
+    a filtered graph walk (the HNSW index Engram had) went furthest.
     """
     ordinary = [u for u in users if u.group == "ordinary"]
     pick = random.Random(args.seed)
@@ -59,21 +59,24 @@ async def _types(connection: asyncpg.Connection) -> None:
 
 
 async def exact_connection(database_url: str) -> asyncpg.Connection:
-    """A connection that can only answer exactly: no index scan, so no HNSW."""
-    connection = await asyncpg.connect(database_url, server_settings={"enable_indexscan": "off"})
+    """A connection that reads rows from the table only: no index or index-only scan."""
+    connection = await asyncpg.connect(
+        database_url, server_settings={"enable_indexscan": "off", "enable_indexonlyscan": "off"}
+    )
     await _types(connection)
     return connection
 
 
 SHIPPED = "engram pool"
 HYBRID = "engram pool, hybrid"
-EXACT = "exact (enable_indexscan off)"
+EXACT = "exact (from the table)"
 # Hybrid's query text: words no row holds, so the lexical half is empty and the
 # fused order is the vector order, which the exact answer checks.
 HYBRID_TEXT = "what do you remember about this?"
-# The search SQL before 2026-11-22, for comparison: ORDER BY the operator, which
-# the HNSW index can serve, so a custom plan walks the graph for a big user.
-HNSW_SEARCH = """
+# The reference, independent of Engram's SQL and of memories_user_vectors: on
+# exact_connection it can only rank every active row of the user, read from the
+# table, by the `<=>` operator.
+EXACT_SEARCH = """
 SELECT id, content, score, metadata, occurred_at, created_at FROM (
     SELECT id, content, 1 - (embedding <=> $2) AS score, metadata, occurred_at, created_at
     FROM memories
@@ -86,24 +89,12 @@ ORDER BY score DESC
 """
 
 
-@dataclass(frozen=True)
-class Experiment:
-    """A pool whose connections start with `settings` (asyncpg's RESET ALL returns to them)."""
-
-    settings: dict[str, str]
-    sql: str | None = None  # None: Engram's own search (proxy.db.memories.search)
-
-
+# Engram's search on pools whose connections start with other settings
+# (asyncpg's RESET ALL returns to them).
 EXPERIMENTS = {
     # Engram's exact search read from the table (a bitmap scan of the user's rows,
     # what the plan cache ended up with before) instead of the covering index.
-    "exact from the table (no index-only scan)": Experiment({"enable_indexonlyscan": "off"}),
-    # The previous SQL with a plan for the user's own values (a connection's first
-    # executions, or every one behind PgBouncer), iterative scans on.
-    "previous SQL, custom plan, HNSW relaxed": Experiment(
-        {"plan_cache_mode": "force_custom_plan", "hnsw.iterative_scan": "relaxed_order"},
-        HNSW_SEARCH,
-    ),
+    "exact from the table (no index-only scan)": {"enable_indexonlyscan": "off"},
 }
 
 
@@ -116,7 +107,7 @@ async def experiment_pool(database_url: str, settings: dict[str, str]) -> asyncp
 
 
 def scans(plan: list[str]) -> list[str]:
-    """The scan nodes of a plan: which index (HNSW or the user's btree) answered."""
+    """The scan nodes of a plan: which index answered, or the table."""
     return [line.strip().removeprefix("->  ") for line in plan if "Scan" in line and "(" in line]
 
 
@@ -134,16 +125,14 @@ async def plans_for(database_url: str, query: Query, limit: int, threshold: floa
         vector = "[" + ",".join(f"{x:.7g}" for x in query.vector) + "]"
         arguments = f"'{query.user.id}', '{vector}', {int(limit)}, {float(threshold)}"
         setups = {
-            f"{SHIPPED} (generic plan)": Experiment({"plan_cache_mode": "force_generic_plan"}),
-            f"{SHIPPED} (custom plan)": Experiment({"plan_cache_mode": "force_custom_plan"}),
+            f"{SHIPPED} (generic plan)": {"plan_cache_mode": "force_generic_plan"},
+            f"{SHIPPED} (custom plan)": {"plan_cache_mode": "force_custom_plan"},
             **EXPERIMENTS,
         }
         plans: dict[str, Any] = {"user_rows": query.user.rows}
-        for index, (name, setup) in enumerate(setups.items()):
-            await connection.execute(
-                f"PREPARE bench_search_{index} AS {setup.sql or memory_sql._SEARCH}"
-            )
-            for setting, value in setup.settings.items():
+        for index, (name, settings) in enumerate(setups.items()):
+            await connection.execute(f"PREPARE bench_search_{index} AS {memory_sql._SEARCH}")
+            for setting, value in settings.items():
                 await connection.execute(f"SET {setting} = '{value}'")
             explain = f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE bench_search_{index}({arguments})"
             plans[name] = scans([row[0] for row in await connection.fetch(explain)])
@@ -183,38 +172,31 @@ async def measure_search(
     """Each query exactly, through Engram's pool, and through the experiments; one at a time."""
     exact = await exact_connection(database_url)
     try:
-        # The previous SQL, which without index scans can only rank every row of the user.
-        await _timed(exact, qs[:warmup], limit, threshold, HNSW_SEARCH)
-        truth = await _timed(exact, qs, limit, threshold, HNSW_SEARCH)
+        await _timed(exact, qs[:warmup], limit, threshold, EXACT_SEARCH)
+        truth = await _timed(exact, qs, limit, threshold, EXACT_SEARCH)
     finally:
         await exact.close()
     samples = {EXACT: [_sample(q, ms, got, got) for q, (ms, got) in zip(qs, truth, strict=True)]}
-    # (open the pool, its SQL, hybrid text): Engram's pool twice (vector, hybrid), then experiments.
-    runs: dict[str, tuple[Any, str | None, str | None]] = {
-        SHIPPED: (lambda: create_pool(database_url), None, None),
-        HYBRID: (lambda: create_pool(database_url), None, HYBRID_TEXT),
+    # (open the pool, hybrid text): Engram's pool twice (vector, hybrid), then experiments.
+    runs: dict[str, tuple[Any, str | None]] = {
+        SHIPPED: (lambda: create_pool(database_url), None),
+        HYBRID: (lambda: create_pool(database_url), HYBRID_TEXT),
     }
-    for name, setup in EXPERIMENTS.items():
-        runs[name] = (
-            lambda settings=setup.settings: experiment_pool(database_url, settings),
-            setup.sql,
-            None,
-        )
-    setting_after_use = {}
-    for name, (open_pool, sql, text) in runs.items():
+    for name, settings in EXPERIMENTS.items():
+        runs[name] = (lambda settings=settings: experiment_pool(database_url, settings), None)
+    for name, (open_pool, text) in runs.items():
         pool = await open_pool()
         try:
             # Statements get prepared on each connection, and pages cached.
-            await _timed(pool, qs[:warmup], limit, threshold, sql, text)
-            answers = await _timed(pool, qs, limit, threshold, sql, text)
-            setting_after_use[name] = await pool.fetchval("SHOW hnsw.iterative_scan")
+            await _timed(pool, qs[:warmup], limit, threshold, text=text)
+            answers = await _timed(pool, qs, limit, threshold, text=text)
         finally:
             await pool.close()
         samples[name] = [
             _sample(q, ms, got, want)
             for q, (ms, got), (_, want) in zip(qs, answers, truth, strict=True)
         ]
-    plans: dict[str, Any] = {"hnsw.iterative_scan after use": setting_after_use}
+    plans: dict[str, Any] = {}
     for group in sorted({q.user.group for q in qs}):
         sample = next(q for q in qs if q.user.group == group)
         plans[group] = await plans_for(database_url, sample, limit, threshold)
