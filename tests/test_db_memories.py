@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -138,3 +139,40 @@ async def test_every_plan_of_the_search_reads_the_users_vectors_by_index_only(
         "Index Only Scan using memories_user_vectors on memories",
         "Index Scan using memories_pkey on memories m",
     ]
+
+
+@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
+async def test_hybrid_search_counts_the_users_memories_once(
+    crowded_database: tuple[str, dict[str, uuid.UUID]], plan: str
+) -> None:
+    """The word rarity needs the user's memory count: once per query, not once per match."""
+    url, users = crowded_database
+    literal = "[" + ",".join(["0.5"] * 384) + "]"
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
+            await connection.execute(f"PREPARE engram_hybrid AS {memory_sql._HYBRID_SEARCH}")
+            # Every one of the user's memories holds the word "memory".
+            explained = await connection.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE engram_hybrid("
+                f"'{users['1%']}', '{literal}', 'which memory is it?', 0, 30, 5, "
+                f"{memory_sql.WORDS_WEIGHT}, {memory_sql.CONTEXT_SHARE}, "
+                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', {memory_sql.PHRASE_SHARE})"
+            )
+            await connection.execute("DEALLOCATE engram_hybrid")
+    finally:
+        await pool.close()
+    counts = [
+        node
+        for node in _plan_nodes(json.loads(explained)[0]["Plan"])
+        if node["Node Type"] == "Aggregate"
+        and node.get("Strategy") == "Plain"
+        and [child.get("Relation Name") for child in node.get("Plans", [])] == ["memories"]
+    ]
+    assert counts, "no count of the user's memories in the plan"
+    assert [node["Actual Loops"] for node in counts] == [1] * len(counts)
+
+
+def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+    return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]

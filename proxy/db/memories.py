@@ -112,10 +112,14 @@ phrase_matches AS (
     FROM memories m JOIN phrases ON m.content_tsv @@ phrases.query
     WHERE m.user_id = $1 AND m.superseded_by IS NULL
 ),
+-- Materialized: inlined, a generic plan could re-run the count once per match
+-- (1,912 times for a 1,000-memory user whose every memory held a query word).
+total AS MATERIALIZED (
+    SELECT count(*) AS n FROM memories WHERE user_id = $1 AND superseded_by IS NULL
+),
 rarity AS (
     SELECT word, ln(1 + (total.n - count(matches.id) + 0.5) / (count(matches.id) + 0.5)) AS idf
-    FROM terms LEFT JOIN matches USING (word),
-         (SELECT count(*) AS n FROM memories WHERE user_id = $1 AND superseded_by IS NULL) total
+    FROM terms LEFT JOIN matches USING (word) CROSS JOIN total
     GROUP BY word, total.n
 ),
 lexical AS (
