@@ -101,6 +101,12 @@ CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_t
 -- the words of the memory beside them (a conversation's turns).
 CREATE INDEX IF NOT EXISTS memories_active_user_created
     ON memories (user_id, created_at, id) WHERE superseded_by IS NULL;
+-- Deleting a memory or a conversation looks up the rows that point at it (ON
+-- DELETE SET NULL); without these, one full scan of memories per deleted row.
+CREATE INDEX IF NOT EXISTS memories_superseded_by
+    ON memories (superseded_by) WHERE superseded_by IS NOT NULL;
+CREATE INDEX IF NOT EXISTS memories_source_conversation
+    ON memories (source_conversation_id) WHERE source_conversation_id IS NOT NULL;
 
 -- Why did the model say that? One row per proxied call: what was asked, which
 -- memories were found with which scores, and where the time went.
@@ -117,6 +123,9 @@ CREATE TABLE IF NOT EXISTS retrieval_logs (
 );
 CREATE INDEX IF NOT EXISTS retrieval_logs_user_created
     ON retrieval_logs (user_id, created_at DESC, id DESC);
+-- For the cascade from a deleted conversation (see memories_superseded_by).
+CREATE INDEX IF NOT EXISTS retrieval_logs_conversation
+    ON retrieval_logs (conversation_id) WHERE conversation_id IS NOT NULL;
 
 -- The extraction queue: one job per conversation whose exchange may hold
 -- memories. Claimed with FOR UPDATE SKIP LOCKED under a renewable lease.
