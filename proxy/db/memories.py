@@ -162,11 +162,7 @@ SELECT id, content, score, metadata, occurred_at, created_at FROM (
     SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
            m.created_at, coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
     FROM candidates
-    -- One primary-key lookup per candidate: as a plain join, a generic plan
-    -- could hash-join a big user's every row instead (a table read).
-    CROSS JOIN LATERAL (
-        SELECT * FROM memories WHERE id = candidates.id AND user_id = $1 LIMIT 1
-    ) m
+    JOIN memories m ON m.id = candidates.id AND m.user_id = $1
     LEFT JOIN lexical ON lexical.id = m.id
     LEFT JOIN context ON context.id = m.id
 ) scored
