@@ -9,10 +9,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from providers.base import ChatCall, ChatStream, Provider, first_choice_message
+from providers.base import (
+    ChatCall,
+    ChatStream,
+    Provider,
+    UpstreamResponse,
+    first_choice_message,
+)
 from providers.errors import ProviderError
 from providers.types import ChatRequest
 from proxy import sse
@@ -184,16 +191,22 @@ async def _complete(exchange: ChatExchange, call: ChatCall) -> Response:
         raise
     finally:
         exchange.stopwatch.mark("upstream_first_byte_ms", upstream_started)
-    # Queued before the answer is sent, not in a background task after it: a
-    # client gone by then would skip the task, and a synchronous task costs a
-    # hop to a worker thread and back.
-    exchange.record(answer.status_code, first_choice_message(answer.body))
     return Response(
         answer.body,
         status_code=answer.status_code,
         headers={**answer.headers, **exchange.engram_headers()},
         media_type="application/json",
+        background=BackgroundTask(_record_completion, exchange, answer),
     )
+
+
+async def _record_completion(exchange: ChatExchange, answer: UpstreamResponse) -> None:
+    """Read the reply and queue the evidence once the answer is sent.
+
+    Async so Starlette runs it on the event loop: a synchronous background task
+    hops to a worker thread and back for every request.
+    """
+    exchange.record(answer.status_code, first_choice_message(answer.body))
 
 
 async def _streamed(exchange: ChatExchange, call: ChatCall) -> Response:
