@@ -419,18 +419,12 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="one pooled httpx client for all workers instead of one each (shows its cost)",
     )
-    parser.add_argument("--out", type=Path, default=report.default_out("bench_overhead"))
-    parser.add_argument("--plot", type=Path, help="draw added TTFB against concurrency (PNG)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    report.add_output_options(parser, "bench_overhead", "draw added TTFB against concurrency (PNG)")
     return parser.parse_args()
 
 
 def cli() -> None:
-    args = parse_args()
-    payload = harness.run(main(args))
-    report.write_json(args.out, payload)
-    if args.plot:
-        plot(args.plot, payload["results"])
+    report.run_benchmark(main, parse_args(), lambda path, payload: plot(path, payload["results"]))
 
 
 if __name__ == "__main__":

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scripts.bench.harness import ROOT
+from scripts.bench.harness import ROOT, run
 
 RESULTS_DIR = ROOT / "results"  # gitignored
 
@@ -100,6 +101,25 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     print(f"\nresults written to {path}")
+
+
+def add_output_options(parser: argparse.ArgumentParser, name: str, plot_help: str) -> None:
+    """--out (default results/<name>.json), --plot FILE.png and --keep: every benchmark's."""
+    parser.add_argument("--out", type=Path, default=default_out(name))
+    parser.add_argument("--plot", type=Path, help=plot_help)
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+
+
+def run_benchmark(
+    main: Callable[[argparse.Namespace], Awaitable[dict[str, Any]]],
+    args: argparse.Namespace,
+    draw: Callable[[Path, dict[str, Any]], None],
+) -> None:
+    """Run `main` as Engram runs (uvloop), write its JSON, and draw the plot if asked."""
+    payload = run(main(args))
+    write_json(args.out, payload)
+    if args.plot:
+        draw(args.plot, payload)
 
 
 def verdict(

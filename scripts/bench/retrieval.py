@@ -406,18 +406,12 @@ def parse_args() -> argparse.Namespace:
         help="ENGRAM_SEARCH modes to compare (each searched by its own Engram)",
     )
     harness.add_engram_setting_option(parser)
-    parser.add_argument("--out", type=Path, default=report.default_out("bench_retrieval"))
-    parser.add_argument("--plot", type=Path, help="draw recall@k for k = 1..25 (PNG)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    report.add_output_options(parser, "bench_retrieval", "draw recall@k for k = 1..25 (PNG)")
     return parser.parse_args()
 
 
 def cli() -> None:
-    args = parse_args()
-    payload = harness.run(main(args))
-    report.write_json(args.out, payload)
-    if args.plot:
-        plot(args.plot, payload["results"])
+    report.run_benchmark(main, parse_args(), lambda path, payload: plot(path, payload["results"]))
 
 
 if __name__ == "__main__":

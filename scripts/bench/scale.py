@@ -337,18 +337,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--capture-seconds", type=float, default=20.0, help="0: skip capture")
     parser.add_argument("--capture-concurrency", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=report.default_out("bench_scale"))
-    parser.add_argument("--plot", type=Path, help="draw latency by user size (PNG)")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
+    report.add_output_options(parser, "bench_scale", "draw latency by user size (PNG)")
     return parser.parse_args()
 
 
 def cli() -> None:
-    args = parse_args()
-    payload = harness.run(main(args))
-    report.write_json(args.out, payload)
-    if args.plot:
-        plot(args.plot, payload["search_samples"])
+    report.run_benchmark(
+        main, parse_args(), lambda path, payload: plot(path, payload["search_samples"])
+    )
 
 
 if __name__ == "__main__":
