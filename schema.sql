@@ -96,7 +96,24 @@ ALTER TABLE memories SET (autovacuum_vacuum_insert_scale_factor = 0.02,
 -- small embedding model blurs).
 ALTER TABLE memories ADD COLUMN IF NOT EXISTS content_tsv tsvector
     GENERATED ALWAYS AS (to_tsvector('english', content)) STORED;
-CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_tsv);
+-- Without the fast-update pending list: with it, new entries wait in one
+-- unsorted list, shared by all users, that every word search reads through
+-- until vacuum merges it (up to gin_pending_list_limit, 4 MB); that list was
+-- most of the lexical half's time in scripts/bench_overhead. Memories are
+-- written in the background and searched before every answer, so the insert
+-- pays instead.
+CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_tsv)
+    WITH (fastupdate = off);
+DO $$
+BEGIN
+    -- Databases from before: turn the list off once and merge what it holds.
+    IF NOT EXISTS (SELECT FROM pg_class
+                   WHERE oid = 'memories_content_tsv'::regclass
+                     AND 'fastupdate=off' = ANY (reloptions)) THEN
+        ALTER INDEX memories_content_tsv SET (fastupdate = off);
+        PERFORM gin_clean_pending_list('memories_content_tsv');
+    END IF;
+END $$;
 -- A memory's neighbours in capture order, which hybrid search credits with
 -- the words of the memory beside them (a conversation's turns).
 CREATE INDEX IF NOT EXISTS memories_active_user_created

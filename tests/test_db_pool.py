@@ -63,6 +63,42 @@ async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(database_url:
     assert not any("hnsw" in name for name in names), names
 
 
+async def test_the_word_index_has_no_pending_list_and_earlier_lists_are_merged(
+    database_url: str,
+) -> None:
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            # As schema.sql created the index before: new entries wait in a pending list.
+            await connection.execute("ALTER INDEX memories_content_tsv SET (fastupdate = on)")
+            user_id = await connection.fetchval(
+                "INSERT INTO users (email) VALUES ('gin@example.com') RETURNING id"
+            )
+            await connection.execute(
+                "INSERT INTO memories (user_id, content, content_hash, embedding) "
+                "VALUES ($1, 'Maya booked a pottery class', 'h', "
+                "array_fill(0.1::real, ARRAY[384])::vector)",
+                user_id,
+            )
+            await apply_schema(url)
+            options = await connection.fetchval(
+                "SELECT reloptions FROM pg_class WHERE oid = 'memories_content_tsv'::regclass"
+            )
+            # Pages the pending list still held: none, apply_schema merged them.
+            left = await connection.fetchval(
+                "SELECT gin_clean_pending_list('memories_content_tsv')"
+            )
+            found = await connection.fetchval(
+                "SELECT count(*) FROM memories "
+                "WHERE content_tsv @@ to_tsquery('english', 'pottery')"
+            )
+        finally:
+            await connection.close()
+    assert options == ["fastupdate=off"]
+    assert left == 0
+    assert found == 1
+
+
 async def test_another_embedding_model_is_refused_naming_both(
     database_url: str, engram: Engram
 ) -> None:
