@@ -8,11 +8,13 @@ import itertools
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import httpx
 
+from scripts.bench import wire
 from scripts.bench.cpu import CpuMeter
 from scripts.bench.texts import question
 
@@ -46,7 +48,55 @@ class Runs:
             self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + value - before.get(name, 0)
 
 
-async def one_request(client: httpx.AsyncClient, target: Target, body: bytes) -> Sample:
+Client = httpx.AsyncClient | wire.Connection
+CLIENT_KINDS = ("wire", "httpx", "httpx-shared")
+
+
+async def one_request(client: Client, target: Target, body: bytes) -> Sample:
+    if isinstance(client, wire.Connection):
+        return await _wire_request(client, target, body)
+    return await _httpx_request(client, target, body)
+
+
+def _sample(
+    started: float,
+    first: float | None,
+    ended: float,
+    body: bytes,
+    status: int,
+    tail: bytes,
+    headers: Mapping[str, str],
+) -> Sample:
+    streamed = b'"stream": true' in body
+    ok = status == 200 and first is not None and (not streamed or b"[DONE]" in tail)
+    return Sample(
+        ((first or ended) - started) * 1000,
+        (ended - started) * 1000,
+        ok,
+        headers.get("x-engram-request-id"),
+        headers.get("x-engram-memories-injected"),
+    )
+
+
+async def _wire_request(client: wire.Connection, target: Target, body: bytes) -> Sample:
+    started = time.perf_counter()
+    try:
+        answer = await client.post(urlsplit(target.url).path, target.headers, body)
+    except (OSError, TimeoutError, wire.WireError):
+        ended = time.perf_counter()
+        return Sample((ended - started) * 1000, (ended - started) * 1000, False)
+    return _sample(
+        started,
+        answer.first_byte_at,
+        answer.ended_at,
+        body,
+        answer.status,
+        answer.tail,
+        answer.headers,
+    )
+
+
+async def _httpx_request(client: httpx.AsyncClient, target: Target, body: bytes) -> Sample:
     started = time.perf_counter()
     first: float | None = None
     tail = b""
@@ -56,16 +106,8 @@ async def one_request(client: httpx.AsyncClient, target: Target, body: bytes) ->
                 if first is None:
                     first = time.perf_counter()
                 tail = (tail + chunk)[-32:]
-            ended = time.perf_counter()
-            streamed = b'"stream": true' in body
-            ok = r.status_code == 200 and first is not None
-            ok = ok and (not streamed or b"[DONE]" in tail)
-            return Sample(
-                ((first or ended) - started) * 1000,
-                (ended - started) * 1000,
-                ok,
-                r.headers.get("x-engram-request-id"),
-                r.headers.get("x-engram-memories-injected"),
+            return _sample(
+                started, first, time.perf_counter(), body, r.status_code, tail, r.headers
             )
     except httpx.HTTPError:
         ended = time.perf_counter()
@@ -86,21 +128,27 @@ def chat_body(index: int, stream: bool) -> bytes:
 
 
 @contextlib.asynccontextmanager
-async def worker_clients(
-    count: int, shared: bool = False
-) -> AsyncIterator[list[httpx.AsyncClient]]:
-    """One single-connection client per worker (or, `shared`, one pooled client for all).
+async def worker_clients(count: int, kind: str, url: str) -> AsyncIterator[list[Client]]:
+    """One connection per worker to `url`'s host, of the client `kind`.
 
-    A single httpx.AsyncClient shared by 64 workers spends its time in its own
-    connection pool: measured on this machine against the fake upstream alone,
-    64 workers on one client reached ~90 requests/s with the generator's core
-    saturated, and ~690/s at half a core with one client each. The generator
-    must never be what is measured; `shared` is there to show that effect.
+    "wire" (the default, scripts/bench/wire.py) costs the least CPU, which the
+    generator takes from the two cores it measures. "httpx": one single-connection
+    httpx.AsyncClient per worker. "httpx-shared": one pooled client for all, which
+    spends its time in its own connection pool: measured on this machine against
+    the fake upstream alone, 64 workers on one client reached ~90 requests/s with
+    the generator's core saturated, and ~690/s at half a core with one client each.
     """
-    size = count if shared else 1
-    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     async with contextlib.AsyncExitStack() as stack:
-        clients = [
+        if kind == "wire":
+            connections = [wire.Connection(url) for _ in range(count)]
+            for connection in connections:
+                stack.push_async_callback(connection.aclose)
+            yield list(connections)
+            return
+        shared = kind == "httpx-shared"
+        size = count if shared else 1
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+        clients: list[Client] = [
             await stack.enter_async_context(httpx.AsyncClient(limits=limits, timeout=60.0))
             for _ in range(1 if shared else count)
         ]
@@ -108,7 +156,7 @@ async def worker_clients(
 
 
 async def run_phase(
-    clients: Sequence[httpx.AsyncClient],
+    clients: Sequence[Client],
     target: Target,
     stream: bool,
     concurrency: int,
@@ -122,7 +170,7 @@ async def run_phase(
     started = time.perf_counter()
     deadline = started + max_seconds
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: Client) -> None:
         while next(issued) < count and time.perf_counter() < deadline:
             samples.append(await one_request(client, target, chat_body(next(counter), stream)))
 
@@ -144,7 +192,7 @@ class Config:
 
 async def measure(
     config: Config,
-    clients: dict[str, list[httpx.AsyncClient]],
+    clients: dict[str, list[Client]],
     targets: dict[str, Target],
     requests: int,
     rounds: int,

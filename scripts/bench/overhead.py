@@ -28,13 +28,18 @@ import psutil
 from pgvector.asyncpg import register_vector
 
 from scripts.bench import cpu, harness, report, stats
-from scripts.bench.loadgen import Config, Runs, Target, measure, worker_clients
+from scripts.bench.loadgen import CLIENT_KINDS, Config, Runs, Target, measure, worker_clients
 from scripts.bench.plot import Series, line_chart
 from scripts.bench.texts import memory_texts
 
 CHAT_PATH = "/v1/chat/completions"
 SPLIT_FIELDS = ("auth_ms", "embed_ms", "retrieve_ms", "upstream_first_byte_ms", "total_ms")
 DEFAULT_REQUESTS = {1: 100, 16: 480, 64: 960}
+LOAD_GENERATORS = {
+    "wire": "one keep-alive connection per worker, scripts/bench/wire.py (httptools)",
+    "httpx": "one single-connection httpx client per worker",
+    "httpx-shared": "one pooled httpx client",
+}
 
 
 async def seed_memories(database_url: str, root: Path, user_id: str, count: int) -> float:
@@ -282,8 +287,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 workers = max(args.concurrency)
                 async with (
                     httpx.AsyncClient(timeout=60.0) as admin,
-                    worker_clients(workers, args.shared_client) as direct_clients,
-                    worker_clients(workers, args.shared_client) as engram_clients,
+                    worker_clients(workers, args.client, upstream.url) as direct_clients,
+                    worker_clients(workers, args.client, engram.url) as engram_clients,
                 ):
                     user_id, api_key = await engram.create_user(
                         admin, f"bench-{uuid.uuid4().hex[:8]}@example.com"
@@ -312,9 +317,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             "requests_per_target": {str(c): requests_for(args, c) for c in args.concurrency},
             "extraction": args.extraction,
             "engram_settings": dict(args.engram_setting),
-            "load_generator": "one pooled httpx client"
-            if args.shared_client
-            else "one single-connection httpx client per worker",
+            "load_generator": LOAD_GENERATORS[args.client],
             "engram": "python -m proxy serve (uvicorn, uvloop, httptools), separate process",
             "ttfb": "client-side, request sent to first response body byte",
         },
@@ -415,9 +418,11 @@ def parse_args() -> argparse.Namespace:
     )
     harness.add_engram_setting_option(parser)
     parser.add_argument(
-        "--shared-client",
-        action="store_true",
-        help="one pooled httpx client for all workers instead of one each (shows its cost)",
+        "--client",
+        choices=CLIENT_KINDS,
+        default="wire",
+        help="the load generator's HTTP client: wire (lean, httptools; the default), "
+        "httpx (one client per worker) or httpx-shared (one pooled client: shows its cost)",
     )
     report.add_output_options(parser, "bench_overhead", "draw added TTFB against concurrency (PNG)")
     return parser.parse_args()
