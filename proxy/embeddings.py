@@ -69,26 +69,33 @@ def load_model(name: str, models_dir: Path, threads: int = 1) -> Any:
 
 @dataclass
 class Embedder:
-    """A loaded model, run in a thread of its own so the event loop never waits on it.
+    """A loaded model, run in threads of their own so the event loop never waits on it.
 
-    Concurrent requests are micro-batched: while one model call runs, the texts
+    Concurrent requests are micro-batched: while a model call runs, the texts
     that arrive wait and then go together in the next call, which costs far
     less per text than one call each. An idle embedder adds no delay.
+
+    Up to `lanes` model calls run at once (onnxruntime releases the GIL while it
+    computes, and one session serves several threads): with a single lane, a
+    text that arrived just after a batch started waited for that whole batch,
+    then for its own.
     """
 
     name: str
     model: Any
     executor: ThreadPoolExecutor
+    lanes: int = 2
     max_batch: int = 32
     # Recent texts: a retried or regenerated request repeats its last turn.
     recent: LRUCache[str, Vector] = field(default_factory=lambda: LRUCache(maxsize=2048))
     _pending: list[tuple[str, asyncio.Future[Vector]]] = field(default_factory=list)
-    _draining: asyncio.Task[None] | None = None
+    _running: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
-    def load(cls, name: str, models_dir: Path) -> Embedder:
+    def load(cls, name: str, models_dir: Path, lanes: int = 2) -> Embedder:
         model = load_model(name, models_dir)
-        return cls(name, model, ThreadPoolExecutor(1, thread_name_prefix="embed"))
+        executor = ThreadPoolExecutor(lanes, thread_name_prefix="embed")
+        return cls(name, model, executor, lanes)
 
     def embed_now(self, texts: list[str]) -> list[Vector]:
         """Blocking: embed `texts` in the calling thread."""
@@ -101,16 +108,18 @@ class Embedder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Vector] = loop.create_future()
         self._pending.append((text, future))
-        draining = self._draining
-        if draining is None or draining.done() or draining.get_loop() is not loop:
-            self._draining = loop.create_task(self._drain())
+        # Lanes of an event loop that has since closed never finish: not counted.
+        if sum(lane.get_loop() is loop for lane in self._running) < self.lanes:
+            lane = loop.create_task(self._drain())
+            self._running.add(lane)
+            lane.add_done_callback(self._running.discard)
         return await future
 
     async def embed_many(self, texts: list[str]) -> list[Vector]:
         return list(await asyncio.gather(*(self.embed(text) for text in texts)))
 
     async def _drain(self) -> None:
-        """Run model calls until nothing waits; each takes all that arrived meanwhile."""
+        """One lane: run model calls until nothing waits; each takes all that arrived meanwhile."""
         loop = asyncio.get_running_loop()
         while self._pending:
             batch = self._pending[: self.max_batch]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import uuid
 
+import anyio
 import numpy as np
 import pytest
 
@@ -87,6 +90,32 @@ async def test_concurrent_calls_share_model_calls_and_keep_their_own_vectors(
     assert len(calls) < len(texts) / 2  # batched, not one call each
     for vector, want in zip(vectors, expected, strict=True):
         assert np.allclose(vector, want, atol=1e-4)
+
+
+async def test_a_text_does_not_wait_for_a_model_call_already_running(
+    embedder: Embedder,
+) -> None:
+    slow_text, quick_text = f"slow {uuid.uuid4()}", f"quick {uuid.uuid4()}"
+    release = threading.Event()
+    original = embedder.embed_now
+
+    def held(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
+        if slow_text in batch:
+            release.wait(10)
+        return original(batch)
+
+    embedder.embed_now = held  # type: ignore[method-assign]
+    try:
+        slow = asyncio.ensure_future(embedder.embed(slow_text))
+        await asyncio.sleep(0.05)  # its model call is running, held
+        with anyio.fail_after(5):
+            quick = await embedder.embed(quick_text)
+        assert not slow.done()
+        release.set()
+        assert (await slow).shape == quick.shape == (DIMENSIONS,)
+    finally:
+        release.set()
+        del embedder.embed_now
 
 
 async def test_a_failed_model_call_fails_its_callers_not_the_embedder(embedder: Embedder) -> None:
