@@ -26,6 +26,7 @@ class Sample:
     ok: bool
     request_id: str | None = None
     injected: str | None = None
+    failure: str | None = None  # why not ok: "status 503", "no [DONE]", an exception
 
 
 @dataclass(frozen=True)
@@ -68,23 +69,34 @@ def _sample(
     headers: Mapping[str, str],
 ) -> Sample:
     streamed = b'"stream": true' in body
-    ok = status == 200 and first is not None and (not streamed or b"[DONE]" in tail)
+    failure = None
+    if status != 200:
+        failure = f"status {status}"
+    elif first is None:
+        failure = "empty body"
+    elif streamed and b"[DONE]" not in tail:
+        failure = "no [DONE]"
     return Sample(
         ((first or ended) - started) * 1000,
         (ended - started) * 1000,
-        ok,
+        failure is None,
         headers.get("x-engram-request-id"),
         headers.get("x-engram-memories-injected"),
+        failure,
     )
+
+
+def _failed(started: float, error: Exception) -> Sample:
+    ms = (time.perf_counter() - started) * 1000
+    return Sample(ms, ms, False, failure=f"{type(error).__name__}: {error}"[:200])
 
 
 async def _wire_request(client: wire.Connection, target: Target, body: bytes) -> Sample:
     started = time.perf_counter()
     try:
         answer = await client.post(urlsplit(target.url).path, target.headers, body)
-    except (OSError, TimeoutError, wire.WireError):
-        ended = time.perf_counter()
-        return Sample((ended - started) * 1000, (ended - started) * 1000, False)
+    except (OSError, TimeoutError, wire.WireError) as error:
+        return _failed(started, error)
     return _sample(
         started,
         answer.first_byte_at,
@@ -109,9 +121,8 @@ async def _httpx_request(client: httpx.AsyncClient, target: Target, body: bytes)
             return _sample(
                 started, first, time.perf_counter(), body, r.status_code, tail, r.headers
             )
-    except httpx.HTTPError:
-        ended = time.perf_counter()
-        return Sample((ended - started) * 1000, (ended - started) * 1000, False)
+    except httpx.HTTPError as error:
+        return _failed(started, error)
 
 
 def chat_body(index: int, stream: bool) -> bytes:

@@ -28,7 +28,15 @@ import psutil
 from pgvector.asyncpg import register_vector
 
 from scripts.bench import cpu, harness, report, stats
-from scripts.bench.loadgen import CLIENT_KINDS, Config, Runs, Target, measure, worker_clients
+from scripts.bench.loadgen import (
+    CLIENT_KINDS,
+    Client,
+    Config,
+    Runs,
+    Target,
+    measure,
+    worker_clients,
+)
 from scripts.bench.plot import Series, line_chart
 from scripts.bench.texts import memory_texts
 
@@ -109,6 +117,10 @@ def summarise(
         "rps": {name: round(len(r.samples) / r.seconds, 1) for name, r in runs.items()},
         "requests": {name: len(r.samples) for name, r in runs.items()},
         "errors": {name: sum(not s.ok for s in r.samples) for name, r in runs.items()},
+        "failures": {
+            name: dict(Counter(s.failure for s in r.samples if not s.ok))
+            for name, r in runs.items()
+        },
         "memories_injected": dict(Counter(s.injected for s in engram if s.ok)),
         "cpu_ms_per_request": {
             name: {
@@ -337,7 +349,7 @@ async def _measure_all(
     engram: harness.Engram,
     upstream_url: str,
     api_key: str,
-    clients: dict[str, list[httpx.AsyncClient]],
+    clients: dict[str, list[Client]],
     meter: cpu.CpuMeter,
 ) -> list[tuple[Config, dict[str, Runs]]]:
     auth = {"authorization": f"Bearer {harness.PROVIDER_KEY}", "content-type": "application/json"}
@@ -362,10 +374,12 @@ async def _measure_all(
             counter,
             meter,
         )
-        errors = sum(not s.ok for s in runs["engram"].samples)
+        failures = Counter(s.failure for s in runs["engram"].samples if not s.ok)
+        errors = sum(failures.values())
         print(
             f"{config.label}: {time.perf_counter() - started:.1f}s, "
-            f"{len(runs['engram'].samples)} requests per target, {errors} Engram errors",
+            f"{len(runs['engram'].samples)} requests per target, {errors} Engram errors"
+            + (f" {dict(failures)}" if failures else ""),
             flush=True,
         )
         results.append((config, runs))
