@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -236,6 +237,11 @@ async def _relay(
                 exchange.stopwatch.mark("upstream_first_byte_ms", upstream_started)
             assembler.feed(chunk)
             yield chunk
+            # Let a client's disconnect cancel the relay. Neither side need ever
+            # suspend otherwise: aiohttp hands out chunks it already holds, and
+            # once the client is gone uvicorn's send returns at once, so a relay
+            # would read a buffered-up upstream to its end for nobody.
+            await anyio.lowlevel.checkpoint()
     except ProviderError as error:
         status = provider_error_status(error)
         yield sse.error_event(provider_error_body(error))

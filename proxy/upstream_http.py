@@ -1,36 +1,21 @@
-"""The HTTP client Engram calls providers with: several small connection pools."""
+"""The HTTP client Engram calls providers with: httpx's API over aiohttp's connections."""
 
 from __future__ import annotations
 
-import itertools
-
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from proxy.settings import Settings
 
-# httpcore's connection pool does work in proportion to its connections and
-# waiting requests on every request and response, under one lock: with 64
-# calls in flight through one pool, the upstream's first byte took 318 ms as
-# seen from Engram against 90 ms called directly (scripts/BENCHMARKS.md).
-# Requests take the pools in turn, so each pool stays small.
-POOLS = 8
-CONNECTIONS_PER_POOL = 64
-IDLE_CONNECTIONS_PER_POOL = 16
-
-
-class PooledTransport(httpx.AsyncBaseTransport):
-    """Hands each request to the next of several connection pools, in turn."""
-
-    def __init__(self, pools: int, limits: httpx.Limits) -> None:
-        self._transports = [httpx.AsyncHTTPTransport(limits=limits) for _ in range(pools)]
-        self._turns = itertools.cycle(self._transports)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await next(self._turns).handle_async_request(request)
-
-    async def aclose(self) -> None:
-        for transport in self._transports:
-            await transport.aclose()
+# Every chat request makes one call here, and a streamed one reads each chunk
+# through it: this client is on the hot path twice. httpx's own transport
+# (httpcore, with an anyio timeout around every read) cost 1.5-1.8 ms of CPU per
+# call and 2.8-3.0 ms per 16-chunk stream on this machine; aiohttp's, with its C
+# parser, 0.6-0.7 and 1.2-1.3 (scripts/BENCHMARKS.md, experiments). Its pool
+# also has none of the per-request work in proportion to open connections that
+# made one httpcore pool take 318 ms to a first byte at 64 calls in flight.
+MAX_CONNECTIONS = 512
+KEEPALIVE_SECONDS = 30.0
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -40,8 +25,6 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.upstream_read_timeout,
         pool=settings.upstream_connect_timeout,
     )
-    limits = httpx.Limits(
-        max_connections=CONNECTIONS_PER_POOL, max_keepalive_connections=IDLE_CONNECTIONS_PER_POOL
-    )
-    transport = PooledTransport(POOLS, limits)
+    limits = httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_SECONDS)
+    transport = AiohttpTransport(limits=limits)
     return httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
