@@ -78,7 +78,9 @@ class Embedder:
     Up to `lanes` model calls run at once (onnxruntime releases the GIL while it
     computes, and one session serves several threads): with a single lane, a
     text that arrived just after a batch started waited for that whole batch,
-    then for its own.
+    then for its own. Batching past ~8 texts barely lowers the cost per text
+    (2.7 ms at 8 and at 15 on this machine, 4.3 alone), so splitting a burst
+    between the lanes costs nothing and halves its wait.
     """
 
     name: str
@@ -122,8 +124,13 @@ class Embedder:
         """One lane: run model calls until nothing waits; each takes all that arrived meanwhile."""
         loop = asyncio.get_running_loop()
         while self._pending:
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
+            # Texts that arrive together are shared out between the lanes, so a
+            # burst of 16 is two calls of 8 side by side, not one of 16 (twice as
+            # long for all 16) next to an idle lane.
+            lanes = sum(lane.get_loop() is loop for lane in self._running) or 1
+            size = min(self.max_batch, -(-len(self._pending) // lanes))
+            batch = self._pending[:size]
+            del self._pending[:size]
             try:
                 vectors = await loop.run_in_executor(
                     self.executor, self.embed_now, [text for text, _ in batch]

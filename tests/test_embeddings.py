@@ -88,8 +88,12 @@ async def test_concurrent_calls_share_model_calls_and_keep_their_own_vectors(
         del embedder.embed_now
     assert sum(calls) == len(texts)
     assert len(calls) < len(texts) / 2  # batched, not one call each
-    for vector, want in zip(vectors, expected, strict=True):
-        assert np.allclose(vector, want, atol=1e-4)
+    # Each its own vector. Not to the last digit: the int8 model scales a call's
+    # activations by their largest value, so a text's vector moves a little with
+    # the texts it shares a call with (cosine 0.984-0.992 here; with the float model 0.98-1).
+    similarity = [float(v @ w) for v, w in zip(vectors, expected, strict=True)]
+    assert min(similarity) > 0.98, similarity
+    assert all(int(np.argmax([float(v @ w) for w in expected])) == i for i, v in enumerate(vectors))
 
 
 async def test_a_text_does_not_wait_for_a_model_call_already_running(
@@ -116,6 +120,24 @@ async def test_a_text_does_not_wait_for_a_model_call_already_running(
     finally:
         release.set()
         del embedder.embed_now
+
+
+async def test_a_burst_is_shared_between_the_lanes(embedder: Embedder) -> None:
+    texts = [f"burst {uuid.uuid4()}" for _ in range(16)]
+    calls: list[int] = []
+    original = embedder.embed_now
+
+    def counting(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
+        calls.append(len(batch))
+        return original(batch)
+
+    embedder.embed_now = counting  # type: ignore[method-assign]
+    try:
+        await asyncio.gather(*(embedder.embed(text) for text in texts))
+    finally:
+        del embedder.embed_now
+    assert sum(calls) == len(texts)
+    assert max(calls) <= len(texts) // embedder.lanes, calls
 
 
 async def test_a_failed_model_call_fails_its_callers_not_the_embedder(embedder: Embedder) -> None:
