@@ -96,21 +96,32 @@ terms AS (
     SELECT lexeme AS word, positions, to_tsquery('simple', quote_literal(lexeme)) AS query
     FROM unnest(to_tsvector('english', $3))
 ),
-phrases AS (
+-- Materialized: inlined, a generic plan re-derived the phrases once per hit.
+phrases AS MATERIALIZED (
     SELECT a.word AS first, b.word AS second,
            to_tsquery('simple', quote_literal(a.word) || ' <-> ' || quote_literal(b.word)) AS query
     FROM terms a, terms b
     WHERE EXISTS (SELECT FROM unnest(a.positions) p, unnest(b.positions) q WHERE q = p + 1)
 ),
-matches AS (
-    SELECT m.id, terms.word
-    FROM memories m JOIN terms ON m.content_tsv @@ terms.query
-    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+-- The user's memories holding any of the query's words, through the (user,
+-- word) keys of memories_user_words: the work grows with the user's matches, not
+-- with the user's memories or with the word's count over all users. Materialized
+-- so the user test below cannot be planned into another index instead.
+hits AS MATERIALIZED (
+    SELECT id, user_id, content_tsv FROM memories
+    WHERE superseded_by IS NULL
+      AND memory_words(user_id, content_tsv)
+          && (SELECT array_agg($1::text || ' ' || word) FROM terms)
 ),
+matches AS (
+    SELECT hits.id, terms.word FROM hits JOIN terms ON hits.content_tsv @@ terms.query
+    WHERE hits.user_id = $1
+),
+-- A phrase's memories hold both of its words, so they are among the hits.
 phrase_matches AS (
-    SELECT m.id, phrases.first, phrases.second
-    FROM memories m JOIN phrases ON m.content_tsv @@ phrases.query
-    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+    SELECT hits.id, phrases.first, phrases.second
+    FROM hits JOIN phrases ON hits.content_tsv @@ phrases.query
+    WHERE hits.user_id = $1
 ),
 -- Materialized: inlined, a generic plan could re-run the count once per match
 -- (1,912 times for a 1,000-memory user whose every memory held a query word).
