@@ -214,24 +214,33 @@ async def test_hybrid_search_reads_only_the_users_memories_that_hold_a_query_wor
     assert whole == {"Index Only Scan"}
 
 
-async def test_word_rarity_counts_only_the_users_own_memories(pool: Pool) -> None:
-    """Another user's memories holding the query's words change nothing in this user's ranking."""
-    owner, other = [
+@pytest.fixture
+async def users(pool: Pool) -> AsyncIterator[list[uuid.UUID]]:
+    """Two new users; deleted with their memories afterwards."""
+    ids = [
         await pool.fetchval(
             "INSERT INTO users (email) VALUES ($1) RETURNING id", f"{uuid.uuid4().hex}@example.com"
         )
         for _ in range(2)
     ]
-    # All of one vector: the words alone order them. "alpha" is the owner's rarer word.
-    texts = {owner: ["alpha note", "beta note", "beta again"] + [f"filler {n}" for n in range(20)]}
-    texts[other] = [f"alpha {n}" for n in range(100)]
-    vector = np.ones(384, dtype=np.float32) / np.sqrt(384)
-    # An hour apart, so no memory is another's context.
+    try:
+        yield ids
+    finally:
+        await pool.execute("DELETE FROM users WHERE id = ANY($1::uuid[])", ids)
+
+
+async def store(pool: Pool, user_id: uuid.UUID, memories: list[tuple[str, Any]]) -> None:
+    """(content, vector) pairs, captured an hour apart so none is another's context."""
     start = datetime.now(UTC)
     records = [
-        (user, text, hashlib.sha256(text.encode()).hexdigest(), vector, start + timedelta(hours=n))
-        for user, contents in texts.items()
-        for n, text in enumerate(contents)
+        (
+            user_id,
+            text,
+            hashlib.sha256(text.encode()).hexdigest(),
+            vector,
+            start + timedelta(hours=n),
+        )
+        for n, (text, vector) in enumerate(memories)
     ]
     async with pool.acquire() as connection:
         await connection.copy_records_to_table(
@@ -239,10 +248,38 @@ async def test_word_rarity_counts_only_the_users_own_memories(pool: Pool) -> Non
             records=records,
             columns=["user_id", "content", "content_hash", "embedding", "created_at"],
         )
-    try:
-        hits = await memory_sql.search(pool, owner, vector, 3, 0.0, "alpha beta")
-        # Counted over both users, "alpha" (101 memories) would weigh less than "beta" (2).
-        assert [hit.content for hit in hits][:1] == ["alpha note"]
-        assert {hit.content for hit in hits} == {"alpha note", "beta note", "beta again"}
-    finally:
-        await pool.execute("DELETE FROM users WHERE id = ANY($1::uuid[])", [owner, other])
+
+
+def unit(*weights: float) -> Any:
+    vector = np.zeros(384, dtype=np.float32)
+    vector[: len(weights)] = weights
+    return vector / np.linalg.norm(vector)
+
+
+async def test_word_rarity_counts_only_the_users_own_memories(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    """Another user's memories holding the query's words change nothing in this user's ranking."""
+    owner, other = users
+    # All of one vector: the words alone order them. "alpha" is the owner's rarer word.
+    texts = ["alpha note", "beta note", "beta again"] + [f"filler {n}" for n in range(20)]
+    await store(pool, owner, [(text, unit(1)) for text in texts])
+    await store(pool, other, [(f"alpha {n}", unit(1)) for n in range(100)])
+    hits = await memory_sql.search(pool, owner, unit(1), 3, 0.0, "alpha beta")
+    # Counted over both users, "alpha" (101 memories) would weigh less than "beta" (2).
+    assert [hit.content for hit in hits][:1] == ["alpha note"]
+    assert {hit.content for hit in hits} == {"alpha note", "beta note", "beta again"}
+
+
+async def test_a_hyphenated_word_matches_the_memories_that_hold_it(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    owner, _ = users
+    fillers = [(f"filler {n}", unit(0, 1)) for n in range(20)]
+    # Both hold "dairy" and "free" side by side; only the first holds "dairy-free",
+    # and the second is the nearer by cosine (1.0 against 0.99).
+    hyphenated = ("The user bakes dairy-free cakes.", unit(0.99, 0.141))
+    spaced = ("The user bakes dairy free cakes.", unit(1))
+    await store(pool, owner, [hyphenated, spaced, *fillers])
+    hits = await memory_sql.search(pool, owner, unit(1), 2, 0.0, "Which dairy-free cakes?")
+    assert [hit.content for hit in hits] == [hyphenated[0], spaced[0]]

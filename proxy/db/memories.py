@@ -93,7 +93,7 @@ WITH semantic AS (
     ) nearest
 ),
 terms AS (
-    SELECT lexeme AS word, positions, to_tsquery('simple', quote_literal(lexeme)) AS query
+    SELECT lexeme AS word, positions
     FROM unnest(to_tsvector('english', $3))
 ),
 -- Materialized: inlined, a generic plan re-derived the phrases once per hit.
@@ -113,9 +113,13 @@ hits AS MATERIALIZED (
       AND memory_words(user_id, content_tsv)
           && (SELECT array_agg($1::text || ' ' || word) FROM terms)
 ),
+-- A word matches a memory that holds it. (Tested with @@ against the word as a
+-- query, a hyphenated word never matched, not even its own memory: 'running-sho'
+-- parses as 'running-sho' <-> 'running' <-> 'sho', and the memory holds 'run'.)
 matches AS (
-    SELECT hits.id, terms.word FROM hits JOIN terms ON hits.content_tsv @@ terms.query
-    WHERE hits.user_id = $1
+    SELECT hits.id, word
+    FROM hits CROSS JOIN LATERAL unnest(tsvector_to_array(hits.content_tsv)) word
+    WHERE hits.user_id = $1 AND word IN (SELECT word FROM terms)
 ),
 -- A phrase's memories hold both of its words, so they are among the hits.
 phrase_matches AS (
