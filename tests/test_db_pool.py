@@ -63,6 +63,41 @@ async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(database_url:
     assert not any("hnsw" in name for name in names), names
 
 
+async def test_the_schema_moves_earlier_versions_to_per_user_word_keys(
+    database_url: str,
+) -> None:
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            # What schema.sql created before hybrid search's words had per-user keys.
+            await connection.execute(
+                "DROP INDEX memories_user_words; DROP FUNCTION memory_words;"
+                "CREATE INDEX memories_content_tsv ON memories USING gin (content_tsv)"
+            )
+            user_id = await connection.fetchval(
+                "INSERT INTO users (email) VALUES ('words@example.com') RETURNING id"
+            )
+            await connection.execute(
+                "INSERT INTO memories (user_id, content, content_hash, embedding)"
+                " VALUES ($1, 'The user keeps bees.', 'h', array_fill(1, ARRAY[384])::vector)",
+                user_id,
+            )
+            await apply_schema(url)
+            indexes = {
+                row["indexname"]
+                for row in await connection.fetch("SELECT indexname FROM pg_indexes")
+            }
+            keys = await connection.fetchval(
+                "SELECT memory_words(user_id, content_tsv) FROM memories WHERE user_id = $1",
+                user_id,
+            )
+        finally:
+            await connection.close()
+    assert "memories_user_words" in indexes
+    assert "memories_content_tsv" not in indexes
+    assert sorted(keys) == [f"{user_id} bee", f"{user_id} keep", f"{user_id} user"]
+
+
 async def test_another_embedding_model_is_refused_naming_both(
     database_url: str, engram: Engram
 ) -> None:
