@@ -83,8 +83,8 @@ ORDER BY nearest.distance
 # the answer ("five years already!") often shares no word with the question;
 # the turn it answers does.
 _HYBRID_SEARCH = """
-WITH semantic AS (
-    SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
+WITH semantic AS MATERIALIZED (
+    SELECT id, distance FROM (
         SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
         FROM memories
         WHERE user_id = $1 AND superseded_by IS NULL
@@ -172,18 +172,30 @@ context AS (
 ),
 candidates AS (
     SELECT id FROM semantic UNION SELECT id FROM best_words UNION SELECT id FROM context
-)
-SELECT id, content, score, metadata, occurred_at, created_at FROM (
-    SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
-           m.created_at, coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
+),
+-- Scored from what is known already (a vector neighbour's distance, the word
+-- coverages): a candidate's table row is read for its vector only when it came
+-- from the words alone, and for its content only when it is returned. Reading
+-- every candidate's row first cost a quarter to a third of the query for a
+-- 1,000-memory user (scripts/BENCHMARKS.md, experiments).
+scored AS (
+    SELECT candidates.id,
+           1 - coalesce(semantic.distance, (
+               SELECT cosine_distance(m.embedding, $2) FROM memories m
+               WHERE m.id = candidates.id AND m.user_id = $1)) AS score,
+           coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
     FROM candidates
-    JOIN memories m ON m.id = candidates.id AND m.user_id = $1
-    LEFT JOIN lexical ON lexical.id = m.id
-    LEFT JOIN context ON context.id = m.id
-) scored
-WHERE score >= $4
-ORDER BY score + $7 * coverage DESC, id
-LIMIT $6
+    LEFT JOIN semantic ON semantic.id = candidates.id
+    LEFT JOIN lexical ON lexical.id = candidates.id
+    LEFT JOIN context ON context.id = candidates.id
+),
+best AS (
+    SELECT id, score, coverage FROM scored WHERE score >= $4
+    ORDER BY score + $7 * coverage DESC, id LIMIT $6
+)
+SELECT m.id, m.content, best.score, m.metadata, m.occurred_at, m.created_at
+FROM best JOIN memories m ON m.id = best.id AND m.user_id = $1
+ORDER BY best.score + $7 * best.coverage DESC, m.id
 """
 
 # Candidates each half brings to the fusion, at least.
