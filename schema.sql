@@ -99,7 +99,7 @@ ALTER TABLE memories ADD COLUMN IF NOT EXISTS content_tsv tsvector
 -- A user's memories holding a word, found by one key per (user, word): the
 -- posting list of a key is that user's memories with that word and nothing else.
 -- A GIN on the words alone (the previous memories_content_tsv) kept one list per
--- word over all users: a common word's list held most of the table, and the
+-- word over all users: a common word's list spans much of the table, and the
 -- search intersected it with all of the user's rows (or, in the generic plan,
 -- read all of the user's rows to test their words: 43 ms for a user with 10,000
 -- memories at a million rows; scripts/BENCHMARKS.md, experiments).

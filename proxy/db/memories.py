@@ -83,6 +83,7 @@ ORDER BY nearest.distance
 # the answer ("five years already!") often shares no word with the question;
 # the turn it answers does.
 _HYBRID_SEARCH = """
+-- Materialized: read twice, for the candidates and for their scores.
 WITH semantic AS MATERIALIZED (
     SELECT id, distance FROM (
         SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
