@@ -96,24 +96,26 @@ ALTER TABLE memories SET (autovacuum_vacuum_insert_scale_factor = 0.02,
 -- small embedding model blurs).
 ALTER TABLE memories ADD COLUMN IF NOT EXISTS content_tsv tsvector
     GENERATED ALWAYS AS (to_tsvector('english', content)) STORED;
+-- A user's memories holding a word, found by one key per (user, word): the
+-- posting list of a key is that user's memories with that word and nothing else.
+-- A GIN on the words alone (the previous memories_content_tsv) kept one list per
+-- word over all users: a common word's list spans much of the table, and the
+-- search intersected it with all of the user's rows (or, in the generic plan,
+-- read all of the user's rows to test their words: 43 ms for a user with 10,000
+-- memories at a million rows; scripts/BENCHMARKS.md, experiments).
+CREATE OR REPLACE FUNCTION memory_words(owner uuid, words tsvector) RETURNS text[]
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN ARRAY(SELECT owner::text || ' ' || word FROM unnest(tsvector_to_array(words)) word);
+DROP INDEX IF EXISTS memories_content_tsv;
 -- Without the fast-update pending list: with it, new entries wait in one
 -- unsorted list, shared by all users, that every word search reads through
 -- until vacuum merges it (up to gin_pending_list_limit, 4 MB); that list was
 -- most of the lexical half's time in scripts/bench_overhead. Memories are
 -- written in the background and searched before every answer, so the insert
 -- pays instead.
-CREATE INDEX IF NOT EXISTS memories_content_tsv ON memories USING gin (content_tsv)
-    WITH (fastupdate = off);
-DO $$
-BEGIN
-    -- Databases from before: turn the list off once and merge what it holds.
-    IF NOT EXISTS (SELECT FROM pg_class
-                   WHERE oid = 'memories_content_tsv'::regclass
-                     AND 'fastupdate=off' = ANY (reloptions)) THEN
-        ALTER INDEX memories_content_tsv SET (fastupdate = off);
-        PERFORM gin_clean_pending_list('memories_content_tsv');
-    END IF;
-END $$;
+CREATE INDEX IF NOT EXISTS memories_user_words
+    ON memories USING gin (memory_words(user_id, content_tsv)) WITH (fastupdate = off)
+    WHERE superseded_by IS NULL;
 -- A memory's neighbours in capture order, which hybrid search credits with
 -- the words of the memory beside them (a conversation's turns).
 CREATE INDEX IF NOT EXISTS memories_active_user_created

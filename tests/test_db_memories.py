@@ -6,6 +6,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -176,3 +177,109 @@ async def test_hybrid_search_counts_the_users_memories_once(
 
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
     return [node, *(n for child in node.get("Plans", []) for n in _plan_nodes(child))]
+
+
+@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
+async def test_hybrid_search_reads_only_the_users_memories_that_hold_a_query_word(
+    crowded_database: tuple[str, dict[str, uuid.UUID]], plan: str
+) -> None:
+    """The word half's work follows the user's matches, not the user's memory count."""
+    url, users = crowded_database
+    literal = "[" + ",".join(["0.5"] * 384) + "]"
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
+            await connection.execute(f"PREPARE engram_hybrid AS {memory_sql._HYBRID_SEARCH}")
+            # Of the 1 % user's 200 memories ("memory 1" … "memory 200"), one holds "17".
+            explained = await connection.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE engram_hybrid("
+                f"'{users['1%']}', '{literal}', 'what is 17?', 0, 30, 5, "
+                f"{memory_sql.WORDS_WEIGHT}, {memory_sql.CONTEXT_SHARE}, "
+                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', {memory_sql.PHRASE_SHARE})"
+            )
+            await connection.execute("DEALLOCATE engram_hybrid")
+    finally:
+        await pool.close()
+    nodes = _plan_nodes(json.loads(explained)[0]["Plan"])
+    words = [node for node in nodes if node.get("Index Name") == "memories_user_words"]
+    assert [node["Actual Rows"] for node in words] == [1]
+    # Only the vector half and the count go through all of the user's rows, and
+    # from indexes alone: no table read per memory the user has.
+    whole = {
+        node["Node Type"]
+        for node in nodes
+        if node.get("Relation Name") == "memories" and node["Actual Rows"] >= BIG_USER_ROWS
+    }
+    assert whole == {"Index Only Scan"}
+
+
+@pytest.fixture
+async def users(pool: Pool) -> AsyncIterator[list[uuid.UUID]]:
+    """Two new users; deleted with their memories afterwards."""
+    ids = [
+        await pool.fetchval(
+            "INSERT INTO users (email) VALUES ($1) RETURNING id", f"{uuid.uuid4().hex}@example.com"
+        )
+        for _ in range(2)
+    ]
+    try:
+        yield ids
+    finally:
+        await pool.execute("DELETE FROM users WHERE id = ANY($1::uuid[])", ids)
+
+
+async def store(pool: Pool, user_id: uuid.UUID, memories: list[tuple[str, Any]]) -> None:
+    """(content, vector) pairs, captured an hour apart so none is another's context."""
+    start = datetime.now(UTC)
+    records = [
+        (
+            user_id,
+            text,
+            hashlib.sha256(text.encode()).hexdigest(),
+            vector,
+            start + timedelta(hours=n),
+        )
+        for n, (text, vector) in enumerate(memories)
+    ]
+    async with pool.acquire() as connection:
+        await connection.copy_records_to_table(
+            "memories",
+            records=records,
+            columns=["user_id", "content", "content_hash", "embedding", "created_at"],
+        )
+
+
+def unit(*weights: float) -> Any:
+    vector = np.zeros(384, dtype=np.float32)
+    vector[: len(weights)] = weights
+    return vector / np.linalg.norm(vector)
+
+
+async def test_word_rarity_counts_only_the_users_own_memories(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    """Another user's memories holding the query's words change nothing in this user's ranking."""
+    owner, other = users
+    # All of one vector: the words alone order them. "alpha" is the owner's rarer word.
+    texts = ["alpha note", "beta note", "beta again"] + [f"filler {n}" for n in range(20)]
+    await store(pool, owner, [(text, unit(1)) for text in texts])
+    await store(pool, other, [(f"alpha {n}", unit(1)) for n in range(100)])
+    hits = await memory_sql.search(pool, owner, unit(1), 3, 0.0, "alpha beta")
+    # Counted over both users, "alpha" (101 memories) would weigh less than "beta" (2).
+    assert [hit.content for hit in hits][:1] == ["alpha note"]
+    assert {hit.content for hit in hits} == {"alpha note", "beta note", "beta again"}
+
+
+async def test_a_hyphenated_word_matches_the_memories_that_hold_it(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    owner, _ = users
+    fillers = [(f"filler {n}", unit(0, 1)) for n in range(20)]
+    # Both hold "dairy" and "free" side by side; only the first holds "dairy-free",
+    # and the second is the nearer by cosine (1.0 against 0.99).
+    hyphenated = ("The user bakes dairy-free cakes.", unit(0.99, 0.141))
+    spaced = ("The user bakes dairy free cakes.", unit(1))
+    await store(pool, owner, [hyphenated, spaced, *fillers])
+    hits = await memory_sql.search(pool, owner, unit(1), 2, 0.0, "Which dairy-free cakes?")
+    assert [hit.content for hit in hits] == [hyphenated[0], spaced[0]]

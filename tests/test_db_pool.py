@@ -63,14 +63,45 @@ async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(database_url:
     assert not any("hnsw" in name for name in names), names
 
 
-async def test_the_word_index_has_no_pending_list_and_earlier_lists_are_merged(
+async def test_the_schema_moves_earlier_versions_to_per_user_word_keys(
     database_url: str,
 ) -> None:
     async with scratch_database(database_url) as url:
         connection = await asyncpg.connect(url)
         try:
-            # As schema.sql created the index before: new entries wait in a pending list.
-            await connection.execute("ALTER INDEX memories_content_tsv SET (fastupdate = on)")
+            # What schema.sql created before hybrid search's words had per-user keys.
+            await connection.execute(
+                "DROP INDEX memories_user_words; DROP FUNCTION memory_words;"
+                "CREATE INDEX memories_content_tsv ON memories USING gin (content_tsv)"
+            )
+            user_id = await connection.fetchval(
+                "INSERT INTO users (email) VALUES ('words@example.com') RETURNING id"
+            )
+            await connection.execute(
+                "INSERT INTO memories (user_id, content, content_hash, embedding)"
+                " VALUES ($1, 'The user keeps bees.', 'h', array_fill(1, ARRAY[384])::vector)",
+                user_id,
+            )
+            await apply_schema(url)
+            indexes = {
+                row["indexname"]
+                for row in await connection.fetch("SELECT indexname FROM pg_indexes")
+            }
+            keys = await connection.fetchval(
+                "SELECT memory_words(user_id, content_tsv) FROM memories WHERE user_id = $1",
+                user_id,
+            )
+        finally:
+            await connection.close()
+    assert "memories_user_words" in indexes
+    assert "memories_content_tsv" not in indexes
+    assert sorted(keys) == [f"{user_id} bee", f"{user_id} keep", f"{user_id} user"]
+
+
+async def test_the_word_index_keeps_no_pending_list(database_url: str) -> None:
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
             user_id = await connection.fetchval(
                 "INSERT INTO users (email) VALUES ('gin@example.com') RETURNING id"
             )
@@ -80,23 +111,17 @@ async def test_the_word_index_has_no_pending_list_and_earlier_lists_are_merged(
                 "array_fill(0.1::real, ARRAY[384])::vector)",
                 user_id,
             )
-            await apply_schema(url)
             options = await connection.fetchval(
-                "SELECT reloptions FROM pg_class WHERE oid = 'memories_content_tsv'::regclass"
+                "SELECT reloptions FROM pg_class WHERE oid = 'memories_user_words'::regclass"
             )
-            # Pages the pending list still held: none, apply_schema merged them.
-            left = await connection.fetchval(
-                "SELECT gin_clean_pending_list('memories_content_tsv')"
-            )
-            found = await connection.fetchval(
-                "SELECT count(*) FROM memories "
-                "WHERE content_tsv @@ to_tsquery('english', 'pottery')"
+            # Pages of new entries waiting to be merged: none, they went into the index.
+            pending = await connection.fetchval(
+                "SELECT gin_clean_pending_list('memories_user_words')"
             )
         finally:
             await connection.close()
     assert options == ["fastupdate=off"]
-    assert left == 0
-    assert found == 1
+    assert pending == 0
 
 
 async def test_another_embedding_model_is_refused_naming_both(

@@ -83,8 +83,9 @@ ORDER BY nearest.distance
 # the answer ("five years already!") often shares no word with the question;
 # the turn it answers does.
 _HYBRID_SEARCH = """
-WITH semantic AS (
-    SELECT id, row_number() OVER (ORDER BY distance) AS rank FROM (
+-- Materialized: read twice, for the candidates and for their scores.
+WITH semantic AS MATERIALIZED (
+    SELECT id, distance FROM (
         SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
         FROM memories
         WHERE user_id = $1 AND superseded_by IS NULL
@@ -93,24 +94,39 @@ WITH semantic AS (
     ) nearest
 ),
 terms AS (
-    SELECT lexeme AS word, positions, to_tsquery('simple', quote_literal(lexeme)) AS query
+    SELECT lexeme AS word, positions
     FROM unnest(to_tsvector('english', $3))
 ),
-phrases AS (
+-- Materialized: inlined, a generic plan re-derived the phrases once per hit.
+phrases AS MATERIALIZED (
     SELECT a.word AS first, b.word AS second,
            to_tsquery('simple', quote_literal(a.word) || ' <-> ' || quote_literal(b.word)) AS query
     FROM terms a, terms b
     WHERE EXISTS (SELECT FROM unnest(a.positions) p, unnest(b.positions) q WHERE q = p + 1)
 ),
-matches AS (
-    SELECT m.id, terms.word
-    FROM memories m JOIN terms ON m.content_tsv @@ terms.query
-    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+-- The user's memories holding any of the query's words, through the (user,
+-- word) keys of memories_user_words: the work grows with the user's matches, not
+-- with the user's memories or with the word's count over all users. Materialized
+-- so the user test below cannot be planned into another index instead.
+hits AS MATERIALIZED (
+    SELECT id, user_id, content_tsv FROM memories
+    WHERE superseded_by IS NULL
+      AND memory_words(user_id, content_tsv)
+          && (SELECT array_agg($1::text || ' ' || word) FROM terms)
 ),
+-- A word matches a memory that holds it. (Tested with @@ against the word as a
+-- query, a hyphenated word never matched, not even its own memory: 'running-sho'
+-- parses as 'running-sho' <-> 'running' <-> 'sho', and the memory holds 'run'.)
+matches AS (
+    SELECT hits.id, word
+    FROM hits CROSS JOIN LATERAL unnest(tsvector_to_array(hits.content_tsv)) word
+    WHERE hits.user_id = $1 AND word IN (SELECT word FROM terms)
+),
+-- A phrase's memories hold both of its words, so they are among the hits.
 phrase_matches AS (
-    SELECT m.id, phrases.first, phrases.second
-    FROM memories m JOIN phrases ON m.content_tsv @@ phrases.query
-    WHERE m.user_id = $1 AND m.superseded_by IS NULL
+    SELECT hits.id, phrases.first, phrases.second
+    FROM hits JOIN phrases ON hits.content_tsv @@ phrases.query
+    WHERE hits.user_id = $1
 ),
 -- Materialized: inlined, a generic plan could re-run the count once per match
 -- (1,912 times for a 1,000-memory user whose every memory held a query word).
@@ -157,18 +173,30 @@ context AS (
 ),
 candidates AS (
     SELECT id FROM semantic UNION SELECT id FROM best_words UNION SELECT id FROM context
-)
-SELECT id, content, score, metadata, occurred_at, created_at FROM (
-    SELECT m.id, m.content, 1 - (m.embedding <=> $2) AS score, m.metadata, m.occurred_at,
-           m.created_at, coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
+),
+-- Scored from what is known already (a vector neighbour's distance, the word
+-- coverages): a candidate's table row is read for its vector only when it came
+-- from the words alone, and for its content only when it is returned. Reading
+-- every candidate's row first cost a quarter to a third of the query for a
+-- 1,000-memory user (scripts/BENCHMARKS.md, experiments).
+scored AS (
+    SELECT candidates.id,
+           1 - coalesce(semantic.distance, (
+               SELECT cosine_distance(m.embedding, $2) FROM memories m
+               WHERE m.id = candidates.id AND m.user_id = $1)) AS score,
+           coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
     FROM candidates
-    JOIN memories m ON m.id = candidates.id AND m.user_id = $1
-    LEFT JOIN lexical ON lexical.id = m.id
-    LEFT JOIN context ON context.id = m.id
-) scored
-WHERE score >= $4
-ORDER BY score + $7 * coverage DESC, id
-LIMIT $6
+    LEFT JOIN semantic ON semantic.id = candidates.id
+    LEFT JOIN lexical ON lexical.id = candidates.id
+    LEFT JOIN context ON context.id = candidates.id
+),
+best AS (
+    SELECT id, score, coverage FROM scored WHERE score >= $4
+    ORDER BY score + $7 * coverage DESC, id LIMIT $6
+)
+SELECT m.id, m.content, best.score, m.metadata, m.occurred_at, m.created_at
+FROM best JOIN memories m ON m.id = best.id AND m.user_id = $1
+ORDER BY best.score + $7 * best.coverage DESC, m.id
 """
 
 # Candidates each half brings to the fusion, at least.
