@@ -148,31 +148,39 @@ async def test_hybrid_search_counts_the_users_memories_once(
 ) -> None:
     """The word rarity needs the user's memory count: once per query, not once per match."""
     url, users = crowded_database
-    literal = "[" + ",".join(["0.5"] * 384) + "]"
-    pool = await create_pool(url, min_size=1, max_size=1)
-    try:
-        async with pool.acquire() as connection, connection.transaction():
-            await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
-            await connection.execute(f"PREPARE engram_hybrid AS {memory_sql._HYBRID_SEARCH}")
-            # Every one of the user's memories holds the word "memory".
-            explained = await connection.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE engram_hybrid("
-                f"'{users['1%']}', '{literal}', 'which memory is it?', 0, 30, 5, "
-                f"{memory_sql.WORDS_WEIGHT}, {memory_sql.CONTEXT_SHARE}, "
-                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', {memory_sql.PHRASE_SHARE})"
-            )
-            await connection.execute("DEALLOCATE engram_hybrid")
-    finally:
-        await pool.close()
+    # Every one of the user's memories holds the word "memory".
+    nodes = await _explained_hybrid_search(url, users["1%"], "which memory is it?", plan)
     counts = [
         node
-        for node in _plan_nodes(json.loads(explained)[0]["Plan"])
+        for node in nodes
         if node["Node Type"] == "Aggregate"
         and node.get("Strategy") == "Plain"
         and [child.get("Relation Name") for child in node.get("Plans", [])] == ["memories"]
     ]
     assert counts, "no count of the user's memories in the plan"
     assert [node["Actual Loops"] for node in counts] == [1] * len(counts)
+
+
+async def _explained_hybrid_search(
+    url: str, user_id: uuid.UUID, query: str, plan: str
+) -> list[dict[str, Any]]:
+    """Every node of the executed plan of Engram's hybrid search, under `plan_cache_mode`."""
+    literal = "[" + ",".join(["0.5"] * 384) + "]"
+    pool = await create_pool(url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
+            await connection.execute(f"PREPARE engram_hybrid AS {memory_sql._HYBRID_SEARCH}")
+            explained = await connection.fetchval(
+                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE engram_hybrid("
+                f"'{user_id}', '{literal}', '{query}', 0, 30, 5, "
+                f"{memory_sql.WORDS_WEIGHT}, {memory_sql.CONTEXT_SHARE}, "
+                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', {memory_sql.PHRASE_SHARE})"
+            )
+            await connection.execute("DEALLOCATE engram_hybrid")
+    finally:
+        await pool.close()
+    return _plan_nodes(json.loads(explained)[0]["Plan"])
 
 
 def _plan_nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
@@ -185,23 +193,8 @@ async def test_hybrid_search_reads_only_the_users_memories_that_hold_a_query_wor
 ) -> None:
     """The word half's work follows the user's matches, not the user's memory count."""
     url, users = crowded_database
-    literal = "[" + ",".join(["0.5"] * 384) + "]"
-    pool = await create_pool(url, min_size=1, max_size=1)
-    try:
-        async with pool.acquire() as connection, connection.transaction():
-            await connection.execute(f"SET LOCAL plan_cache_mode = {plan}")
-            await connection.execute(f"PREPARE engram_hybrid AS {memory_sql._HYBRID_SEARCH}")
-            # Of the 1 % user's 200 memories ("memory 1" … "memory 200"), one holds "17".
-            explained = await connection.fetchval(
-                "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE engram_hybrid("
-                f"'{users['1%']}', '{literal}', 'what is 17?', 0, 30, 5, "
-                f"{memory_sql.WORDS_WEIGHT}, {memory_sql.CONTEXT_SHARE}, "
-                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', {memory_sql.PHRASE_SHARE})"
-            )
-            await connection.execute("DEALLOCATE engram_hybrid")
-    finally:
-        await pool.close()
-    nodes = _plan_nodes(json.loads(explained)[0]["Plan"])
+    # Of the 1 % user's 200 memories ("memory 1" … "memory 200"), one holds "17".
+    nodes = await _explained_hybrid_search(url, users["1%"], "what is 17?", plan)
     words = [node for node in nodes if node.get("Index Name") == "memories_user_words"]
     assert [node["Actual Rows"] for node in words] == [1]
     # Only the vector half and the count go through all of the user's rows, and

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
+from collections.abc import Iterator
 
 import anyio
 import numpy as np
@@ -69,24 +71,31 @@ def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:
     assert float(espresso @ coffee) > float(espresso @ weather) + 0.2
 
 
+@contextlib.contextmanager
+def model_calls(embedder: Embedder) -> Iterator[list[list[str]]]:
+    """The batches `embedder` hands its model while the block runs."""
+    calls: list[list[str]] = []
+    original = embedder.embed_now
+
+    def recording(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
+        calls.append(list(batch))
+        return original(batch)
+
+    embedder.embed_now = recording  # type: ignore[method-assign]
+    try:
+        yield calls
+    finally:
+        del embedder.embed_now
+
+
 async def test_concurrent_calls_share_model_calls_and_keep_their_own_vectors(
     embedder: Embedder,
 ) -> None:
     texts = [f"fact number {n} about topic {n % 7}" for n in range(24)]
     expected = embedder.embed_now(texts)
-    calls: list[int] = []
-    original = embedder.embed_now
-
-    def counting(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
-        calls.append(len(batch))
-        return original(batch)
-
-    embedder.embed_now = counting  # type: ignore[method-assign]
-    try:
+    with model_calls(embedder) as calls:
         vectors = await asyncio.gather(*(embedder.embed(text) for text in texts))
-    finally:
-        del embedder.embed_now
-    assert sum(calls) == len(texts)
+    assert sum(map(len, calls)) == len(texts)
     assert len(calls) < len(texts) / 2  # batched, not one call each
     # Each its own vector. Not to the last digit: the int8 model scales a call's
     # activations by their largest value, so a text's vector moves a little with
@@ -124,20 +133,11 @@ async def test_a_text_does_not_wait_for_a_model_call_already_running(
 
 async def test_a_burst_is_shared_between_the_lanes(embedder: Embedder) -> None:
     texts = [f"burst {uuid.uuid4()}" for _ in range(16)]
-    calls: list[int] = []
-    original = embedder.embed_now
-
-    def counting(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
-        calls.append(len(batch))
-        return original(batch)
-
-    embedder.embed_now = counting  # type: ignore[method-assign]
-    try:
+    with model_calls(embedder) as calls:
         await asyncio.gather(*(embedder.embed(text) for text in texts))
-    finally:
-        del embedder.embed_now
-    assert sum(calls) == len(texts)
-    assert max(calls) <= len(texts) // embedder.lanes, calls
+    sizes = [len(call) for call in calls]
+    assert sum(sizes) == len(texts)
+    assert max(sizes) <= len(texts) // embedder.lanes, sizes
 
 
 async def test_a_failed_model_call_fails_its_callers_not_the_embedder(embedder: Embedder) -> None:
@@ -171,18 +171,8 @@ def test_a_missing_model_package_says_how_to_install_it(
 
 
 async def test_a_repeated_text_is_embedded_once(embedder: Embedder) -> None:
-    calls: list[list[str]] = []
-    original = embedder.embed_now
-
-    def counting(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
-        calls.append(batch)
-        return original(batch)
-
-    embedder.embed_now = counting  # type: ignore[method-assign]
-    try:
+    with model_calls(embedder) as calls:
         first = await embedder.embed("regenerate: what should I cook tonight?")
         again = await embedder.embed("regenerate: what should I cook tonight?")
-    finally:
-        del embedder.embed_now
     assert calls == [["regenerate: what should I cook tonight?"]]
     assert np.array_equal(first, again)
