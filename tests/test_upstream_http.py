@@ -54,3 +54,31 @@ async def test_a_silent_upstream_is_a_read_timeout(base_settings: Settings) -> N
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_connection_the_upstream_closed_while_idle_is_not_reused(
+    base_settings: Settings,
+) -> None:
+    connections = 0
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()  # as a server's idle timeout does, without a Connection: close
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(answer_once, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with upstream_client(base_settings) as client:
+            for _ in range(3):
+                answer = await client.get(f"http://127.0.0.1:{port}/v1/models")
+                assert answer.status_code == 200
+                await asyncio.sleep(0.1)  # the close reaches the client while it is idle
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connections == 3
