@@ -110,12 +110,20 @@ class Embedder:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Vector] = loop.create_future()
         self._pending.append((text, future))
-        # Lanes of an event loop that has since closed never finish: not counted.
-        if sum(lane.get_loop() is loop for lane in self._running) < self.lanes:
+        if self._live_lanes(loop) < self.lanes:
             lane = loop.create_task(self._drain())
             self._running.add(lane)
             lane.add_done_callback(self._running.discard)
         return await future
+
+    def _live_lanes(self, loop: asyncio.AbstractEventLoop) -> int:
+        """Lanes that will still look for waiting texts.
+
+        A finished lane stays in `_running` until its done-callback runs, and a
+        lane of an event loop that has since closed never finishes: counting
+        either would leave a text waiting with no lane to take it.
+        """
+        return sum(lane.get_loop() is loop and not lane.done() for lane in self._running)
 
     async def embed_many(self, texts: list[str]) -> list[Vector]:
         return list(await asyncio.gather(*(self.embed(text) for text in texts)))
@@ -127,7 +135,7 @@ class Embedder:
             # Texts that arrive together are shared out between the lanes, so a
             # burst of 16 is two calls of 8 side by side, not one of 16 (twice as
             # long for all 16) next to an idle lane.
-            lanes = sum(lane.get_loop() is loop for lane in self._running) or 1
+            lanes = self._live_lanes(loop) or 1
             size = min(self.max_batch, -(-len(self._pending) // lanes))
             batch = self._pending[:size]
             del self._pending[:size]

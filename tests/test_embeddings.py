@@ -140,6 +140,19 @@ async def test_a_burst_is_shared_between_the_lanes(embedder: Embedder) -> None:
     assert max(sizes) <= len(texts) // embedder.lanes, sizes
 
 
+async def test_lanes_that_finished_do_not_hold_a_new_text_back(embedder: Embedder) -> None:
+    # Two lanes that have returned but whose done-callbacks have not run yet.
+    finished = [asyncio.ensure_future(asyncio.sleep(0)) for _ in range(embedder.lanes)]
+    await asyncio.gather(*finished)
+    embedder._running.update(finished)
+    try:
+        with anyio.fail_after(5):
+            vector = await embedder.embed(f"after finished lanes {uuid.uuid4()}")
+    finally:
+        embedder._running.difference_update(finished)
+    assert vector.shape == (DIMENSIONS,)
+
+
 async def test_a_failed_model_call_fails_its_callers_not_the_embedder(embedder: Embedder) -> None:
     def broken(batch: list[str]) -> list[np.ndarray]:  # type: ignore[type-arg]
         raise RuntimeError("model crashed")
