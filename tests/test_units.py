@@ -320,6 +320,32 @@ def test_assembler_joins_tool_call_fragments_by_index() -> None:
     assert assembler.finish_reason == "tool_calls"
 
 
+def test_assembler_reads_a_long_stream_in_batches_with_little_held() -> None:
+    words = [f"w{n} " for n in range(3000)]
+    stream = b"".join(chunk({"content": word}) for word in words) + DONE
+    assembler = ReplyAssembler()
+    held = 0
+    for start in range(0, len(stream), 1000):
+        assembler.feed(stream[start : start + 1000])
+        held = max(held, sum(map(len, assembler._unread)))
+    assert len(stream) > 4 * ReplyAssembler.PARSE_BYTES
+    assert held < ReplyAssembler.PARSE_BYTES + 1000  # read as it went, not kept whole
+    assert assembler.reply()["content"] == "".join(words)
+
+
+def test_assembler_reads_each_event_on_its_own() -> None:
+    two_in_one = (
+        b'data: {"choices": [{"index": 0, "delta": {"content": "X"}}]}, '
+        b'{"choices": [{"index": 0, "delta": {"content": "Y"}}]}\n\n'
+    )
+    opened = b'data: [{"choices": [{"index": 0, "delta": {"content": "P"}}]}\n\n'
+    closed = b'data: {"choices": [{"index": 0, "delta": {"content": "Q"}}]}]\n\n'
+    assembler = ReplyAssembler()
+    assembler.feed(two_in_one + opened + closed + chunk({"content": "Z"}) + DONE)
+    # None of the three odd lines is one JSON value: none is read, nor joined up.
+    assert assembler.reply()["content"] == "Z"
+
+
 def test_assembler_with_nothing_fed_has_an_empty_reply() -> None:
     assert ReplyAssembler().reply() == {"role": "assistant", "content": ""}
 
