@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 
@@ -122,6 +124,26 @@ async def test_the_word_index_keeps_no_pending_list(database_url: str) -> None:
             await connection.close()
     assert options == ["fastupdate=off"]
     assert pending == 0
+
+
+async def test_the_schema_is_applied_again_when_chosen_to_break_a_deadlock(
+    database_url: str,
+) -> None:
+    async with scratch_database(database_url) as url:
+        worker = await asyncpg.connect(url)
+        try:
+            transaction = worker.transaction()
+            await transaction.start()
+            # As the extraction worker's transaction does: a job first, ...
+            await worker.execute("LOCK TABLE memory_jobs IN ROW EXCLUSIVE MODE")
+            applying = asyncio.create_task(apply_schema(url))
+            await asyncio.sleep(0.5)  # it has locked memories and waits for memory_jobs
+            # ... then memories. PostgreSQL aborts the side that waited longest.
+            await worker.execute("LOCK TABLE memories IN ROW EXCLUSIVE MODE")
+            await transaction.commit()
+            await asyncio.wait_for(applying, 30)
+        finally:
+            await worker.close()
 
 
 async def test_another_embedding_model_is_refused_naming_both(

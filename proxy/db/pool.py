@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -13,6 +14,8 @@ from pgvector.asyncpg import register_vector
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"
 # Serialises schema application when several Engram processes start together.
 _SCHEMA_LOCK_ID = 0x656E6772  # "engr"
+# Tries at applying it when PostgreSQL picks it to break a deadlock.
+SCHEMA_ATTEMPTS = 5
 
 CONNECT_TIMEOUT_SECONDS = 2.0
 
@@ -79,14 +82,29 @@ async def create_pool(
 
 
 async def apply_schema(dsn: str) -> None:
-    """Run schema.sql; every statement in it is idempotent."""
-    connection = await asyncpg.connect(dsn)
-    try:
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_ID)
-            await connection.execute(SCHEMA_PATH.read_text())
-    finally:
-        await connection.close()
+    """Run schema.sql; every statement in it is idempotent.
+
+    Its `CREATE INDEX IF NOT EXISTS` statements lock their tables one after
+    another even when the index exists, so a running process's transaction that
+    takes two of those tables in the other order (the extraction worker: a job,
+    then memories) can deadlock with it. PostgreSQL then aborts one side; when
+    it is this one, the whole schema is tried again, after the other side has
+    gone on.
+    """
+    schema = SCHEMA_PATH.read_text()
+    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+        connection = await asyncpg.connect(dsn)
+        try:
+            async with connection.transaction():
+                await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_ID)
+                await connection.execute(schema)
+            return
+        except asyncpg.DeadlockDetectedError:
+            if attempt == SCHEMA_ATTEMPTS:
+                raise
+        finally:
+            await connection.close()
+        await asyncio.sleep(0.1 * attempt)
 
 
 async def claim_embedding_model(pool: Pool, model_name: str) -> None:
