@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -47,103 +49,94 @@ async def test_the_schema_applies_again_without_change(database_url: str) -> Non
     await apply_schema(database_url)
 
 
-async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(database_url: str) -> None:
+@pytest.fixture
+async def scratch(database_url: str) -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A database of its own with the schema, and a connection to it."""
     async with scratch_database(database_url) as url:
         connection = await asyncpg.connect(url)
         try:
-            # What schema.sql created before per-user search became exact.
-            await connection.execute(
-                "CREATE INDEX memories_embedding_hnsw ON memories "
-                "USING hnsw (embedding vector_cosine_ops)"
-            )
-            await apply_schema(url)
-            indexes = await connection.fetch("SELECT indexname FROM pg_indexes")
+            yield url, connection
         finally:
             await connection.close()
-    names = {row["indexname"] for row in indexes}
+
+
+async def a_user_with_one_memory(connection: asyncpg.Connection, content: str) -> uuid.UUID:
+    user_id: uuid.UUID = await connection.fetchval(
+        "INSERT INTO users (email) VALUES ($1) RETURNING id", f"{uuid.uuid4().hex}@example.com"
+    )
+    await connection.execute(
+        "INSERT INTO memories (user_id, content, content_hash, embedding) "
+        "VALUES ($1, $2, 'h', array_fill(0.1::real, ARRAY[384])::vector)",
+        user_id,
+        content,
+    )
+    return user_id
+
+
+async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(
+    scratch: tuple[str, asyncpg.Connection],
+) -> None:
+    url, connection = scratch
+    # What schema.sql created before per-user search became exact.
+    await connection.execute(
+        "CREATE INDEX memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)"
+    )
+    await apply_schema(url)
+    names = {row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")}
     assert "memories_user_vectors" in names
     assert not any("hnsw" in name for name in names), names
 
 
 async def test_the_schema_moves_earlier_versions_to_per_user_word_keys(
-    database_url: str,
+    scratch: tuple[str, asyncpg.Connection],
 ) -> None:
-    async with scratch_database(database_url) as url:
-        connection = await asyncpg.connect(url)
-        try:
-            # What schema.sql created before hybrid search's words had per-user keys.
-            await connection.execute(
-                "DROP INDEX memories_user_words; DROP FUNCTION memory_words;"
-                "CREATE INDEX memories_content_tsv ON memories USING gin (content_tsv)"
-            )
-            user_id = await connection.fetchval(
-                "INSERT INTO users (email) VALUES ('words@example.com') RETURNING id"
-            )
-            await connection.execute(
-                "INSERT INTO memories (user_id, content, content_hash, embedding)"
-                " VALUES ($1, 'The user keeps bees.', 'h', array_fill(1, ARRAY[384])::vector)",
-                user_id,
-            )
-            await apply_schema(url)
-            indexes = {
-                row["indexname"]
-                for row in await connection.fetch("SELECT indexname FROM pg_indexes")
-            }
-            keys = await connection.fetchval(
-                "SELECT memory_words(user_id, content_tsv) FROM memories WHERE user_id = $1",
-                user_id,
-            )
-        finally:
-            await connection.close()
+    url, connection = scratch
+    # What schema.sql created before hybrid search's words had per-user keys.
+    await connection.execute(
+        "DROP INDEX memories_user_words; DROP FUNCTION memory_words;"
+        "CREATE INDEX memories_content_tsv ON memories USING gin (content_tsv)"
+    )
+    user_id = await a_user_with_one_memory(connection, "The user keeps bees.")
+    await apply_schema(url)
+    indexes = {
+        row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")
+    }
+    keys = await connection.fetchval(
+        "SELECT memory_words(user_id, content_tsv) FROM memories WHERE user_id = $1", user_id
+    )
     assert "memories_user_words" in indexes
     assert "memories_content_tsv" not in indexes
     assert sorted(keys) == [f"{user_id} bee", f"{user_id} keep", f"{user_id} user"]
 
 
-async def test_the_word_index_keeps_no_pending_list(database_url: str) -> None:
-    async with scratch_database(database_url) as url:
-        connection = await asyncpg.connect(url)
-        try:
-            user_id = await connection.fetchval(
-                "INSERT INTO users (email) VALUES ('gin@example.com') RETURNING id"
-            )
-            await connection.execute(
-                "INSERT INTO memories (user_id, content, content_hash, embedding) "
-                "VALUES ($1, 'Maya booked a pottery class', 'h', "
-                "array_fill(0.1::real, ARRAY[384])::vector)",
-                user_id,
-            )
-            options = await connection.fetchval(
-                "SELECT reloptions FROM pg_class WHERE oid = 'memories_user_words'::regclass"
-            )
-            # Pages of new entries waiting to be merged: none, they went into the index.
-            pending = await connection.fetchval(
-                "SELECT gin_clean_pending_list('memories_user_words')"
-            )
-        finally:
-            await connection.close()
+async def test_the_word_index_keeps_no_pending_list(
+    scratch: tuple[str, asyncpg.Connection],
+) -> None:
+    _, connection = scratch
+    await a_user_with_one_memory(connection, "Maya booked a pottery class")
+    options = await connection.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = 'memories_user_words'::regclass"
+    )
+    # Pages of new entries waiting to be merged: none, they went into the index.
+    pending = await connection.fetchval("SELECT gin_clean_pending_list('memories_user_words')")
     assert options == ["fastupdate=off"]
     assert pending == 0
 
 
 async def test_the_schema_is_applied_again_when_chosen_to_break_a_deadlock(
-    database_url: str,
+    scratch: tuple[str, asyncpg.Connection],
 ) -> None:
-    async with scratch_database(database_url) as url:
-        worker = await asyncpg.connect(url)
-        try:
-            transaction = worker.transaction()
-            await transaction.start()
-            # As the extraction worker's transaction does: a job first, ...
-            await worker.execute("LOCK TABLE memory_jobs IN ROW EXCLUSIVE MODE")
-            applying = asyncio.create_task(apply_schema(url))
-            await asyncio.sleep(0.5)  # it has locked memories and waits for memory_jobs
-            # ... then memories. PostgreSQL aborts the side that waited longest.
-            await worker.execute("LOCK TABLE memories IN ROW EXCLUSIVE MODE")
-            await transaction.commit()
-            await asyncio.wait_for(applying, 30)
-        finally:
-            await worker.close()
+    url, worker = scratch
+    transaction = worker.transaction()
+    await transaction.start()
+    # As the extraction worker's transaction does: a job first, ...
+    await worker.execute("LOCK TABLE memory_jobs IN ROW EXCLUSIVE MODE")
+    applying = asyncio.create_task(apply_schema(url))
+    await asyncio.sleep(0.5)  # it has locked memories and waits for memory_jobs
+    # ... then memories. PostgreSQL aborts the side that waited longest.
+    await worker.execute("LOCK TABLE memories IN ROW EXCLUSIVE MODE")
+    await transaction.commit()
+    await asyncio.wait_for(applying, 30)
 
 
 async def test_another_embedding_model_is_refused_naming_both(

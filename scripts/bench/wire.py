@@ -108,12 +108,12 @@ class Connection:
         reading = _Reading(asyncio.get_running_loop().create_future())
         protocol.reading = reading
         protocol.parser = httptools.HttpResponseParser(reading)
+        fields = {"content-type": "application/json", **headers}  # the caller's wins
         head = [
             f"POST {path} HTTP/1.1",
             f"Host: {self.host}:{self.port}",
-            "Content-Type: application/json",
             f"Content-Length: {len(body)}",
-            *(f"{name}: {value}" for name, value in headers.items()),
+            *(f"{name}: {value}" for name, value in fields.items()),
         ]
         assert protocol.transport is not None
         protocol.transport.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
