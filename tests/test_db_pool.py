@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
+import anyio
 import asyncpg
 import pytest
 
@@ -46,6 +47,7 @@ async def test_a_released_connection_costs_no_reset_round_trip(
 
 async def test_the_schema_applies_again_without_change(database_url: str) -> None:
     await apply_schema(database_url)
+    await apply_schema(database_url, force=True)
     await apply_schema(database_url)
 
 
@@ -58,6 +60,12 @@ async def scratch(database_url: str) -> AsyncIterator[tuple[str, asyncpg.Connect
             yield url, connection
         finally:
             await connection.close()
+
+
+async def as_an_earlier_version_left_it(connection: asyncpg.Connection, sql: str) -> None:
+    """Run `sql`, standing for an earlier schema.sql; those recorded no digest of it."""
+    await connection.execute(sql)
+    await connection.execute("DELETE FROM engram_meta WHERE key = 'schema_sha256'")
 
 
 async def a_user_with_one_memory(connection: asyncpg.Connection, content: str) -> uuid.UUID:
@@ -78,8 +86,9 @@ async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(
 ) -> None:
     url, connection = scratch
     # What schema.sql created before per-user search became exact.
-    await connection.execute(
-        "CREATE INDEX memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)"
+    await as_an_earlier_version_left_it(
+        connection,
+        "CREATE INDEX memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)",
     )
     await apply_schema(url)
     names = {row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")}
@@ -92,9 +101,10 @@ async def test_the_schema_moves_earlier_versions_to_per_user_word_keys(
 ) -> None:
     url, connection = scratch
     # What schema.sql created before hybrid search's words had per-user keys.
-    await connection.execute(
+    await as_an_earlier_version_left_it(
+        connection,
         "DROP INDEX memories_user_words; DROP FUNCTION memory_words;"
-        "CREATE INDEX memories_content_tsv ON memories USING gin (content_tsv)"
+        "CREATE INDEX memories_content_tsv ON memories USING gin (content_tsv)",
     )
     user_id = await a_user_with_one_memory(connection, "The user keeps bees.")
     await apply_schema(url)
@@ -127,6 +137,7 @@ async def test_the_schema_is_applied_again_when_chosen_to_break_a_deadlock(
     scratch: tuple[str, asyncpg.Connection],
 ) -> None:
     url, worker = scratch
+    await as_an_earlier_version_left_it(worker, "SELECT 1")  # so it has the schema to apply
     transaction = worker.transaction()
     await transaction.start()
     # As the extraction worker's transaction does: a job first, ...
@@ -136,6 +147,30 @@ async def test_the_schema_is_applied_again_when_chosen_to_break_a_deadlock(
     # ... then memories. PostgreSQL aborts the side that waited longest.
     await worker.execute("LOCK TABLE memories IN ROW EXCLUSIVE MODE")
     await transaction.commit()
+    await asyncio.wait_for(applying, 30)
+
+
+async def test_an_unchanged_schema_is_not_applied_again(
+    scratch: tuple[str, asyncpg.Connection],
+) -> None:
+    url, other = scratch
+    # A long query on memories: an ALTER TABLE would queue behind it, and every
+    # read of memories behind that.
+    transaction = other.transaction()
+    await transaction.start()
+    await other.execute("LOCK TABLE memories IN ACCESS SHARE MODE")
+    try:
+        with anyio.fail_after(5):
+            await apply_schema(url)
+        locked = await other.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE relation = 'memories'::regclass AND NOT granted"
+        )
+        assert locked == 0
+        applying = asyncio.create_task(apply_schema(url, force=True))
+        await asyncio.sleep(0.5)
+        assert not applying.done()  # a changed schema does wait for it
+    finally:
+        await transaction.rollback()
     await asyncio.wait_for(applying, 30)
 
 

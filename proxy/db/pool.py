@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -16,6 +17,8 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schema.sql"
 _SCHEMA_LOCK_ID = 0x656E6772  # "engr"
 # Tries at applying it when PostgreSQL picks it to break a deadlock.
 SCHEMA_ATTEMPTS = 5
+# engram_meta's key for the sha256 of the schema.sql last applied.
+_SCHEMA_DIGEST_KEY = "schema_sha256"
 
 CONNECT_TIMEOUT_SECONDS = 2.0
 
@@ -81,30 +84,57 @@ async def create_pool(
     return pool
 
 
-async def apply_schema(dsn: str) -> None:
-    """Run schema.sql; every statement in it is idempotent.
+async def apply_schema(dsn: str, *, force: bool = False) -> None:
+    """Run schema.sql unless the database already has this very text of it (or `force`).
 
-    Its `CREATE INDEX IF NOT EXISTS` statements lock their tables one after
-    another even when the index exists, so a running process's transaction that
-    takes two of those tables in the other order (the extraction worker: a job,
-    then memories) can deadlock with it. PostgreSQL then aborts one side; when
-    it is this one, the whole schema is tried again, after the other side has
-    gone on.
+    Every statement in it is idempotent, but several lock their table even when
+    there is nothing to do (`ALTER TABLE ... ADD COLUMN IF NOT EXISTS` takes an
+    ACCESS EXCLUSIVE lock, which queues every read of memories behind it and
+    behind whatever query it waits for). So the text's sha256 is recorded in
+    engram_meta, and a start on an unchanged schema only reads it.
+
+    The `CREATE INDEX IF NOT EXISTS` statements lock their tables one after
+    another, so a running process's transaction that takes two of those tables
+    in the other order (the extraction worker: a job, then memories) can
+    deadlock with it. PostgreSQL then aborts one side; when it is this one, the
+    whole schema is tried again, after the other side has gone on.
     """
     schema = SCHEMA_PATH.read_text()
-    for attempt in range(1, SCHEMA_ATTEMPTS + 1):
-        connection = await asyncpg.connect(dsn)
-        try:
-            async with connection.transaction():
-                await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_ID)
-                await connection.execute(schema)
+    digest = hashlib.sha256(schema.encode()).hexdigest()
+    connection = await asyncpg.connect(dsn)
+    try:
+        if not force and await _applied_schema(connection) == digest:
             return
-        except asyncpg.DeadlockDetectedError:
-            if attempt == SCHEMA_ATTEMPTS:
-                raise
-        finally:
-            await connection.close()
-        await asyncio.sleep(0.1 * attempt)
+        for attempt in range(1, SCHEMA_ATTEMPTS + 1):
+            try:
+                async with connection.transaction():
+                    await connection.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_ID)
+                    if not force and await _applied_schema(connection) == digest:
+                        return  # another process applied it while this one waited
+                    await connection.execute(schema)
+                    await connection.execute(
+                        "INSERT INTO engram_meta (key, value) VALUES ($1, $2) "
+                        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+                        _SCHEMA_DIGEST_KEY,
+                        digest,
+                    )
+                return
+            except asyncpg.DeadlockDetectedError:
+                if attempt == SCHEMA_ATTEMPTS:
+                    raise
+            await asyncio.sleep(0.1 * attempt)
+    finally:
+        await connection.close()
+
+
+async def _applied_schema(connection: asyncpg.Connection) -> str | None:
+    """The sha256 of the schema.sql last applied to this database, if any."""
+    if await connection.fetchval("SELECT to_regclass('engram_meta')") is None:
+        return None
+    digest: str | None = await connection.fetchval(
+        "SELECT value FROM engram_meta WHERE key = $1", _SCHEMA_DIGEST_KEY
+    )
+    return digest
 
 
 async def claim_embedding_model(pool: Pool, model_name: str) -> None:

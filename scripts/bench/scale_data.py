@@ -158,12 +158,13 @@ def _with_settings(database_url: str, settings: dict[str, str]) -> str:
 
 async def rebuild_indexes(database_url: str, work_mem: str, workers: int) -> dict[str, Any]:
     """Apply schema.sql again, which creates the indexes `load` dropped; time and sizes."""
+    # Forced: the database records this schema as applied, the dropped indexes aside.
     settings = {
         "maintenance_work_mem": work_mem,
         "max_parallel_maintenance_workers": str(int(workers)),
     }
     started = time.perf_counter()
-    await apply_schema(_with_settings(database_url, settings))
+    await apply_schema(_with_settings(database_url, settings), force=True)
     seconds = time.perf_counter() - started
     connection = await asyncpg.connect(database_url)
     try:
