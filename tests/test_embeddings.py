@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 
 from proxy.embeddings import DIMENSIONS, Embedder
 from proxy.model_store import (
+    MANIFEST_FILE,
     ONNX_FILE,
     ONNX_SHA256,
     QUANTIZED_SHA256,
@@ -39,6 +41,13 @@ def test_the_offline_folders_are_verified(tmp_path_factory: pytest.TempPathFacto
     # file, so vectors stored by one installation compare with another's.
     quantized = ensure_offline_model(models / "q8")
     assert sha256_of(quantized / ONNX_FILE) == QUANTIZED_SHA256
+    # A folder quantized by an earlier recipe is made again, even though its
+    # file still matches the sha256 its manifest records.
+    (quantized / ONNX_FILE).write_bytes(b"an earlier recipe's file")
+    manifest = json.loads((quantized / MANIFEST_FILE).read_text())
+    manifest.update(recipe="one scale per call", sha256=sha256_of(quantized / ONNX_FILE))
+    (quantized / MANIFEST_FILE).write_text(json.dumps(manifest))
+    assert sha256_of(ensure_offline_model(quantized) / ONNX_FILE) == QUANTIZED_SHA256
     for folder, expected in ((legacy, ONNX_SHA256), (quantized, QUANTIZED_SHA256)):
         (folder / ONNX_FILE).write_bytes(b"not the model")
         # A damaged file is made again from the wheels, never used.
@@ -57,7 +66,7 @@ def test_the_quantized_model_keeps_the_float_models_vectors(
     legacy = Embedder.load(LEGACY_OFFLINE_MODEL_NAME, tmp_path_factory.mktemp("legacy"))
     try:
         for ours, theirs in zip(embedder.embed_now(texts), legacy.embed_now(texts), strict=True):
-            assert float(ours @ theirs) > 0.97
+            assert float(ours @ theirs) > 0.99
     finally:
         legacy.close()
 
@@ -97,12 +106,25 @@ async def test_concurrent_calls_share_model_calls_and_keep_their_own_vectors(
         vectors = await asyncio.gather(*(embedder.embed(text) for text in texts))
     assert sum(map(len, calls)) == len(texts)
     assert len(calls) < len(texts) / 2  # batched, not one call each
-    # Each its own vector. Not to the last digit: the int8 model scales a call's
-    # activations by their largest value, so a text's vector moves a little with
-    # the texts it shares a call with (cosine 0.984-0.992 here; with the float model 0.98-1).
-    similarity = [float(v @ w) for v, w in zip(vectors, expected, strict=True)]
-    assert min(similarity) > 0.98, similarity
-    assert all(int(np.argmax([float(v @ w) for w in expected])) == i for i, v in enumerate(vectors))
+    # Each its own vector, whichever texts shared its call.
+    for vector, alone in zip(vectors, expected, strict=True):
+        np.testing.assert_allclose(vector, alone, atol=1e-5)
+
+
+def test_a_texts_vector_does_not_depend_on_the_batch(embedder: Embedder) -> None:
+    # Activations are quantized with one scale per token (proxy.quantize): with
+    # one scale per call, a short text beside a long one with large activations
+    # moved to a cosine of 0.98 with its vector alone.
+    text = "Caroline went to the LGBTQ support group on 7 May."
+    others = [
+        'Melanie said, "I ran a charity race for mental health last Saturday!" ' * 6,
+        "ok",
+        "What did Caroline research?",
+    ]
+    (alone,) = embedder.embed_now([text])
+    for batch in ([text, others[0]], [others[1], text], [*others, text]):
+        beside = embedder.embed_now(batch)[batch.index(text)]
+        np.testing.assert_allclose(beside, alone, atol=1e-5)
 
 
 async def test_a_text_does_not_wait_for_a_model_call_already_running(
