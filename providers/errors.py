@@ -14,6 +14,7 @@ Every error names the provider and the host it was talking to, never a key.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -68,7 +69,33 @@ class ProviderStatusError(ProviderError):
         self.headers = headers
 
 
+def _certificate_error(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The TLS verification failure behind `error`, if that is what it is.
+
+    httpx-aiohttp reports it as a ConnectTimeout caused by aiohttp's
+    ClientConnectorCertificateError (itself an SSLCertVerificationError, without
+    the details), caused by the ssl module's own: the deepest one is returned.
+    """
+    found: ssl.SSLCertVerificationError | None = None
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            found = seen
+        seen = seen.__cause__ or seen.__context__
+    return found
+
+
 def _translate(error: httpx.HTTPError, provider: str, host: str) -> ProviderError:
+    if (certificate := _certificate_error(error)) is not None:
+        # Said apart from "unreachable": the fix is on the operator's side,
+        # usually a provider behind a private certificate authority.
+        reason = getattr(certificate, "verify_message", None) or "certificate verify failed"
+        return ProviderUnreachable(
+            provider,
+            host,
+            f"{provider} at {host} failed TLS certificate verification ({reason}); to trust "
+            "a private certificate authority, point SSL_CERT_FILE at its certificates",
+        )
     if isinstance(error, httpx.TimeoutException) and not isinstance(error, httpx.ConnectTimeout):
         return ProviderTimeout(provider, host, f"{provider} at {host} did not answer in time")
     if isinstance(error, httpx.TransportError):
