@@ -32,7 +32,7 @@ from proxy.health import DatabaseHealth
 from proxy.journal import Journal
 from proxy.recorder import EvidenceRecorder
 from proxy.settings import Settings
-from proxy.upstream_http import upstream_client
+from proxy.upstream_http import no_cookies, upstream_client
 from proxy.vault import CredentialVault
 from proxy.worker import ExtractionWorker
 
@@ -44,7 +44,9 @@ ProviderFactory = Callable[[Settings, httpx.AsyncClient], Provider]
 PROVIDERS: dict[str, ProviderFactory] = {
     "openai": lambda settings, client: OpenAIProvider(client, settings.openai_base_url),
     "ollama": lambda settings, client: OllamaProvider(
-        ollama.AsyncClient(host=settings.ollama_base_url, timeout=client.timeout),
+        ollama.AsyncClient(
+            host=settings.ollama_base_url, timeout=client.timeout, cookies=no_cookies()
+        ),
         settings.ollama_base_url,
     ),
     "gemini": lambda settings, client: GeminiProvider(

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.cookiejar
+import urllib.request
+
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -18,6 +22,28 @@ MAX_CONNECTIONS = 512
 KEEPALIVE_SECONDS = 30.0
 
 
+class _RefuseCookies(http.cookiejar.DefaultCookiePolicy):
+    """Neither keeps a cookie nor sends one."""
+
+    def set_ok(self, cookie: http.cookiejar.Cookie, request: urllib.request.Request) -> bool:
+        return False
+
+    def return_ok(self, cookie: http.cookiejar.Cookie, request: urllib.request.Request) -> bool:
+        return False
+
+
+def no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar for a client that every user's requests share.
+
+    An httpx client, and an aiohttp session, keep the cookies a server sets and
+    send them with every later request to it: one user's upstream session
+    cookie would go out with the next user's call.
+    """
+    # A CookieJar, not httpx.Cookies: httpx copies the cookies of one of its own
+    # into a new jar of the default policy, and uses a CookieJar as it is.
+    return http.cookiejar.CookieJar(policy=_RefuseCookies())
+
+
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
     timeout = httpx.Timeout(
         connect=settings.upstream_connect_timeout,
@@ -25,6 +51,18 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.upstream_read_timeout,
         pool=settings.upstream_connect_timeout,
     )
-    limits = httpx.Limits(max_connections=MAX_CONNECTIONS, keepalive_expiry=KEEPALIVE_SECONDS)
-    transport = AiohttpTransport(limits=limits)
-    return httpx.AsyncClient(timeout=timeout, transport=transport, follow_redirects=False)
+    # certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR's (a private CA).
+    ssl_context = httpx.create_ssl_context()
+
+    def session() -> aiohttp.ClientSession:  # made on first use, inside the event loop
+        connector = aiohttp.TCPConnector(
+            limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS, ssl=ssl_context
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    return httpx.AsyncClient(
+        timeout=timeout,
+        transport=AiohttpTransport(client=session),
+        follow_redirects=False,
+        cookies=no_cookies(),
+    )

@@ -541,6 +541,22 @@ def test_a_rate_limit_keeps_429_and_retry_after(
         assert error.body["type"] == "rate_limit_error"
 
 
+def test_a_cookie_the_provider_set_for_one_user_never_goes_out_with_another_users_call(
+    trio: Engram, user: User, target: Target
+) -> None:
+    # Every user's calls share one HTTP client per provider: a cookie it kept
+    # (a gateway's session, a load balancer's affinity) would travel between them.
+    target.fake.script(Scripted(headers={"Set-Cookie": "session=first-users-session; Path=/"}))
+    for caller in (user, trio.create_user()):
+        with sdk(trio, caller) as client:
+            client.chat.completions.create(
+                model=target.model, messages=[{"role": "user", "content": "Hi"}]
+            )
+    first, second = target.fake.received
+    assert "cookie" not in first.headers
+    assert "cookie" not in second.headers
+
+
 # OpenAI's errors are relayed with their own status (issue 2); translated providers'
 # server errors become 502, a bad gateway, naming the provider (issue 4).
 SERVER_ERROR_STATUS = {"openai": 500, "ollama": 502, "gemini": 502}

@@ -81,7 +81,9 @@ class FakeOpenAI(ScriptedUpstream):
                 headers={"x-request-id": "req_fake", **answer.headers},
             )
         await asyncio.sleep(self.first_token_delay)
-        return JSONResponse(self._completion(body, answer), headers={"x-request-id": "req_fake"})
+        return JSONResponse(
+            self._completion(body, answer), headers={"x-request-id": "req_fake", **answer.headers}
+        )
 
     def _extract(self, received: Received) -> Response:
         output = self.extraction_answer(received)
