@@ -1,9 +1,11 @@
-"""A provider behind TLS: verified against the system's trust, or a private CA's."""
+"""A provider behind TLS (certifi's or a private CA's trust), and behind an egress proxy."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import openai
@@ -87,3 +89,70 @@ def test_an_untrusted_certificate_is_refused_and_said_so(
     assert "failed TLS certificate verification" in error["message"]
     assert "SSL_CERT_FILE" in error["message"]
     assert len(fake.received) == calls_before  # nothing was sent over the untrusted connection
+
+
+@contextmanager
+def connect_proxy() -> Iterator[tuple[str, list[str]]]:
+    """An HTTPS egress proxy (CONNECT tunnels) in a thread; its URL and the targets it tunnelled."""
+    tunnelled: list[str] = []
+    loop = asyncio.new_event_loop()
+
+    async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+        finally:
+            sink.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        method, target = request.decode("latin-1").split(" ")[:2]
+        if method != "CONNECT":
+            writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+            writer.close()
+            return
+        tunnelled.append(target)
+        host, port = target.rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await asyncio.gather(
+            pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
+        )
+
+    server = loop.run_until_complete(asyncio.start_server(tunnel, "127.0.0.1", 0))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}", tunnelled
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        server.close()
+        loop.close()
+
+
+def test_https_proxy_carries_provider_calls_and_no_proxy_skips_it(
+    tls_upstream: tuple[FakeOpenAI, str],
+    ca_file: str,
+    start_engram: Callable[..., AbstractContextManager[Engram]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, url = tls_upstream
+    monkeypatch.setenv("SSL_CERT_FILE", ca_file)
+    with connect_proxy() as (proxy_url, tunnelled):
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        for no_proxy, through_proxy in (("", True), ("127.0.0.1", False)):
+            monkeypatch.setenv("NO_PROXY", no_proxy)
+            tunnelled.clear()
+            with start_engram(openai_base_url=f"{url}/v1", extraction="off") as engram:
+                user = engram.create_user()
+                with engram.client(user) as client:
+                    answer = client.chat.completions.create(
+                        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi?"}]
+                    )
+            assert answer.choices[0].message.content == "Hello over TLS."
+            upstream_host = url.removeprefix("https://")
+            assert tunnelled == ([upstream_host] if through_proxy else []), no_proxy
