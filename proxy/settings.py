@@ -17,6 +17,8 @@ WORKER_MODES = ("inline", "off")
 PROVIDER_NAMES = ("openai", "ollama", "gemini")
 SEARCH_MODES = ("hybrid", "vector")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
+# Read by the provider client itself when one is set (Settings.egress_proxy).
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -46,6 +48,9 @@ class Settings:
     gemini_base_url: str | None = None
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
+    # HTTPS_PROXY or HTTP_PROXY is set: calls to providers then follow the
+    # environment's proxy settings (NO_PROXY too), as other HTTP clients do.
+    egress_proxy: bool = False
     log_level: str = "info"
     extraction: str = "llm"  # llm | raw | off
     extraction_provider: str = "openai"
@@ -94,6 +99,7 @@ class Settings:
             upstream_read_timeout=env.number(
                 "ENGRAM_UPSTREAM_READ_TIMEOUT", defaults.upstream_read_timeout
             ),
+            egress_proxy=any(env.optional(name) for name in PROXY_VARIABLES),
             log_level=env.choice("ENGRAM_LOG_LEVEL", defaults.log_level, LOG_LEVELS),
             extraction=env.choice("ENGRAM_EXTRACTION", defaults.extraction, EXTRACTION_MODES),
             extraction_provider=env.choice(

@@ -53,16 +53,17 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     )
     # certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR's (a private CA).
     ssl_context = httpx.create_ssl_context()
-    # HTTPS_PROXY, HTTP_PROXY and NO_PROXY, as other HTTP clients read them; only
-    # when a proxy is set, since aiohttp then looks it up in a thread per request.
-    behind_proxy = any(scheme != "no" for scheme in urllib.request.getproxies())
 
     def session() -> aiohttp.ClientSession:  # made on first use, inside the event loop
         connector = aiohttp.TCPConnector(
             limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS, ssl=ssl_context
         )
         return aiohttp.ClientSession(
-            connector=connector, cookie_jar=aiohttp.DummyCookieJar(), trust_env=behind_proxy
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            # HTTPS_PROXY, HTTP_PROXY and NO_PROXY, only when a proxy is set: aiohttp
+            # then looks the proxy up in a thread for every request.
+            trust_env=settings.egress_proxy,
         )
 
     return httpx.AsyncClient(

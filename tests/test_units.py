@@ -410,6 +410,22 @@ def test_from_env_reads_every_variable() -> None:
     assert settings.log_level == "debug"
 
 
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({}, False),
+        ({"HTTPS_PROXY": "http://proxy.internal:3128"}, True),
+        ({"http_proxy": "http://proxy.internal:3128"}, True),
+        ({"NO_PROXY": "localhost"}, False),
+        ({"HTTPS_PROXY": " "}, False),
+    ],
+)
+def test_an_egress_proxy_is_noticed_from_the_usual_variables(
+    environ: dict[str, str], expected: bool
+) -> None:
+    assert Settings.from_env(environ).egress_proxy is expected
+
+
 def test_blank_variables_mean_unset() -> None:
     settings = Settings.from_env({"DATABASE_URL": "  ", "OPENAI_API_KEY": "", "ENGRAM_PORT": ""})
     assert settings.database_url is None

@@ -147,7 +147,9 @@ def test_https_proxy_carries_provider_calls_and_no_proxy_skips_it(
         for no_proxy, through_proxy in (("", True), ("127.0.0.1", False)):
             monkeypatch.setenv("NO_PROXY", no_proxy)
             tunnelled.clear()
-            with start_engram(openai_base_url=f"{url}/v1", extraction="off") as engram:
+            with start_engram(
+                openai_base_url=f"{url}/v1", extraction="off", egress_proxy=True
+            ) as engram:
                 user = engram.create_user()
                 with engram.client(user) as client:
                     answer = client.chat.completions.create(
