@@ -111,8 +111,7 @@ phrases AS MATERIALIZED (
 hits AS MATERIALIZED (
     SELECT id, user_id, content_tsv FROM memories
     WHERE superseded_by IS NULL
-      AND memory_words(user_id, content_tsv)
-          && (SELECT array_agg($1::text || ' ' || word) FROM terms)
+      AND memory_words(user_id, content_tsv) && memory_words($1, to_tsvector('english', $3))
 ),
 -- A word matches a memory that holds it. (Tested with @@ against the word as a
 -- query, a hyphenated word never matched, not even its own memory: 'running-sho'
