@@ -79,9 +79,10 @@ ORDER BY nearest.distance
 #
 # Context: a memory captured just before or after one that matches the query's
 # words (within CONTEXT_WINDOW, so in the same sitting) gets CONTEXT_SHARE of
-# that coverage. In a conversation captured turn by turn, the turn that holds
-# the answer ("five years already!") often shares no word with the question;
-# the turn it answers does.
+# that coverage, and one two captures away CONTEXT_SHARE squared. In a
+# conversation captured turn by turn, the turn that holds the answer ("five
+# years already!") often shares no word with the question; the turn it answers
+# does, and often with the other speaker's reply between them.
 _HYBRID_SEARCH = """
 -- Materialized: read twice, for the candidates and for their scores.
 WITH semantic AS MATERIALIZED (
@@ -151,22 +152,25 @@ lexical AS (
 best_words AS (
     SELECT id, coverage FROM lexical ORDER BY coverage DESC, id LIMIT $5
 ),
+-- Two captures deep on each side.
 context AS (
-    SELECT beside.id, sum(best_words.coverage) * $8 AS coverage
+    SELECT beside.id, sum(best_words.coverage * power($8::float8, beside.steps)) AS coverage
     FROM best_words
     JOIN memories m ON m.id = best_words.id
     CROSS JOIN LATERAL (
-        (SELECT n.id FROM memories n
+        (SELECT n.id, row_number() OVER (ORDER BY n.created_at DESC, n.id DESC) AS steps
+         FROM memories n
          WHERE n.user_id = $1 AND n.superseded_by IS NULL
            AND (n.created_at, n.id) < (m.created_at, m.id)
            AND n.created_at >= m.created_at - $9::interval
-         ORDER BY n.created_at DESC, n.id DESC LIMIT 1)
+         ORDER BY n.created_at DESC, n.id DESC LIMIT 2)
         UNION ALL
-        (SELECT n.id FROM memories n
+        (SELECT n.id, row_number() OVER (ORDER BY n.created_at, n.id) AS steps
+         FROM memories n
          WHERE n.user_id = $1 AND n.superseded_by IS NULL
            AND (n.created_at, n.id) > (m.created_at, m.id)
            AND n.created_at <= m.created_at + $9::interval
-         ORDER BY n.created_at, n.id LIMIT 1)
+         ORDER BY n.created_at, n.id LIMIT 2)
     ) beside
     GROUP BY beside.id
 ),
@@ -207,7 +211,9 @@ WORDS_WEIGHT = 0.5
 # What two of the query's words side by side in a memory add, as a share of
 # their weight, on top of the words themselves ("support group", "New York").
 PHRASE_SHARE = 0.5
-# The share of a memory's word coverage its neighbours in capture order get.
+# The share of a memory's word coverage its neighbours in capture order get,
+# raised to the power of their distance (up to two captures away: LoCoMo
+# recall@10 0.743 / 0.757 / 0.756 one / two / three deep, scripts/BENCHMARKS.md).
 CONTEXT_SHARE = 0.5
 CONTEXT_WINDOW = timedelta(minutes=10)
 

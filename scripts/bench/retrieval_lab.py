@@ -156,7 +156,12 @@ def coverage(conversation: Prepared, query: Words, phrase_share: float) -> np.nd
 
 
 def ranking(
-    conversation: Prepared, index: int, words_weight: float, context: float, phrase: float
+    conversation: Prepared,
+    index: int,
+    words_weight: float,
+    context: float,
+    phrase: float,
+    depth: int = 2,
 ) -> list[int]:
     """The turns _HYBRID_SEARCH returns for question `index`, best first."""
     cosine = conversation.turns @ conversation.questions[index]
@@ -166,17 +171,18 @@ def ranking(
     matched = np.nonzero(cover > 0)[0]
     best_words = matched[np.argsort(-cover[matched], kind="stable")][:candidates_per_half]
     beside = np.zeros(len(cosine))
-    for i in best_words:  # turns are captured in order: neighbours are i - 1 and i + 1
-        for j in (i - 1, i + 1):
-            if 0 <= j < len(beside):
-                beside[j] += context * cover[i]
+    for i in best_words:  # turns are captured in order: i ± steps are `steps` captures away
+        for steps in range(1, depth + 1):
+            for j in (i - steps, i + steps):
+                if 0 <= j < len(beside):
+                    beside[j] += context**steps * cover[i]
     pool = np.union1d(np.union1d(semantic, best_words), np.nonzero(beside)[0])
     relevance = cosine[pool] + words_weight * (cover[pool] + beside[pool])
     return [int(i) for i in pool[np.argsort(-relevance)][:LIMIT]]
 
 
 def score(
-    prepared: list[Prepared], words_weight: float, context: float, phrase: float
+    prepared: list[Prepared], words_weight: float, context: float, phrase: float, depth: int
 ) -> dict[str, float]:
     recalls: dict[int, list[float]] = defaultdict(list)
     for conversation in prepared:
@@ -185,7 +191,7 @@ def score(
                 continue
             found = {
                 conversation.dia_ids[i]
-                for i in ranking(conversation, index, words_weight, context, phrase)[:10]
+                for i in ranking(conversation, index, words_weight, context, phrase, depth)[:10]
             }
             recalls[category].append(sum(e in found for e in evidence) / len(evidence))
     result = {CATEGORIES[c]: round(float(np.mean(recalls[c])), 3) for c in sorted(recalls)}
@@ -197,15 +203,15 @@ def score(
 def main(args: argparse.Namespace) -> None:
     prepared = prepare(load_locomo(args.locomo), args.cache)
     rows = []
-    for words_weight, context, phrase in itertools.product(
-        args.words_weight, args.context_share, args.phrase_share
+    for words_weight, context, depth, phrase in itertools.product(
+        args.words_weight, args.context_share, args.context_depth, args.phrase_share
     ):
-        result = score(prepared, words_weight, context, phrase)
-        rows.append((words_weight, context, phrase, *result.values()))
+        result = score(prepared, words_weight, context, phrase, depth)
+        rows.append((words_weight, context, depth, phrase, *result.values()))
     names = [CATEGORIES[c] for c in sorted(CATEGORIES)] + ["1-4 overall"]
     report.print_table(
         "LoCoMo recall@10 of the hybrid ranking's replica",
-        ("words weight", "context share", "phrase share", *names),
+        ("words weight", "context share", "context depth", "phrase share", *names),
         rows,
     )
 
@@ -220,6 +226,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--words-weight", type=float, nargs="+", default=[0.5])
     parser.add_argument("--context-share", type=float, nargs="+", default=[0.0, 0.5])
+    parser.add_argument("--context-depth", type=int, nargs="+", default=[2])
     parser.add_argument("--phrase-share", type=float, nargs="+", default=[0.0, 0.5])
     return parser.parse_args()
 
