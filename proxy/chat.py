@@ -25,7 +25,12 @@ from providers.errors import ProviderError
 from providers.types import ChatRequest
 from proxy import sse
 from proxy.auth import Principal, authenticate_request
-from proxy.db.evidence import ConversationRecord, Exchange, RetrievalRecord
+from proxy.db.evidence import (
+    ConversationRecord,
+    Exchange,
+    RetrievalRecord,
+    without_inline_files,
+)
 from proxy.db.pool import is_outage
 from proxy.errors import BadRequest, provider_error_body, provider_error_status
 from proxy.injection import inject
@@ -105,7 +110,7 @@ class ChatExchange:
         user_id = self.principal.user_id
         conversation = ConversationRecord(
             self.conversation_id, user_id, self.provider.name, self.body["model"],
-            [dict(message) for message in self.body["messages"]], reply, status_code,
+            without_inline_files(self.body["messages"]), reply, status_code,
             "pending" if extract else "skipped",
         )  # fmt: skip
         retrieval = RetrievalRecord(

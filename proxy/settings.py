@@ -38,7 +38,8 @@ class Settings:
     admin_key: str | None = field(default=None, repr=False)
     auth_cache_ttl: float = 300.0
     auth_cache_size: int = 10_000
-    max_body_bytes: int = 2 * 1024 * 1024
+    # OpenAI takes images of up to 20 MB, 26.7 MB once in base64.
+    max_body_bytes: int = 32 * 1024 * 1024
     max_messages: int = 2048
     openai_base_url: str = DEFAULT_OPENAI_BASE_URL
     openai_api_key: str | None = field(default=None, repr=False)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+
 import asyncpg
 import pytest
 
@@ -71,3 +75,41 @@ async def test_streamed_answer_is_relayed_and_recorded(
         "SELECT count(*) FROM memory_jobs WHERE conversation_id = $1", row["id"]
     )
     assert '"content": "Hello from the fake upstream. "' in row["reply"]
+
+
+async def test_a_photo_sent_inline_reaches_the_provider_and_is_not_stored(
+    engram: Engram, upstream: FakeOpenAI, db: asyncpg.Connection
+) -> None:
+    """A phone photo in base64 (4 MB) passes the default body limit; the row keeps its size."""
+    user = engram.create_user()
+    photo = "data:image/jpeg;base64," + base64.b64encode(os.urandom(3_000_000)).decode()
+    with engram.client(user) as client:
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What bird is this?"},
+                        {"type": "image_url", "image_url": {"url": photo, "detail": "high"}},
+                    ],
+                }
+            ],
+        )
+    sent = upstream.last().messages[-1]["content"]
+    assert sent[1] == {"type": "image_url", "image_url": {"url": photo, "detail": "high"}}
+
+    row = await eventually(
+        lambda: db.fetchrow("SELECT * FROM conversations WHERE user_id = $1::uuid", user.id)
+    )
+    stored = json.loads(row["messages"])[-1]["content"]
+    assert stored == [
+        {"type": "text", "text": "What bird is this?"},
+        {
+            "type": "image_url",
+            "image_url": {
+                "url": "data:image/jpeg;base64,<4,000,000 characters not stored>",
+                "detail": "high",
+            },
+        },
+    ]

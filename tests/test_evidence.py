@@ -10,7 +10,13 @@ import asyncpg
 import numpy as np
 import pytest
 
-from proxy.db.evidence import ConversationRecord, Exchange, RetrievalRecord, record_exchanges
+from proxy.db.evidence import (
+    ConversationRecord,
+    Exchange,
+    RetrievalRecord,
+    record_exchanges,
+    without_inline_files,
+)
 from proxy.db.pool import Pool
 from proxy.health import DatabaseHealth
 from proxy.journal import Journal
@@ -152,3 +158,36 @@ async def test_one_refused_exchange_does_not_keep_the_others_out(
     assert await access_counts(db, [memory]) == [2]
     assert health.up  # refused is not an outage
     assert not (tmp_path / "journal" / "exchanges.jsonl").exists()
+
+
+def test_files_sent_inline_are_stored_as_their_size_and_links_as_sent() -> None:
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg" * 100, "format": "wav"}}
+    pdf = {
+        "type": "file",
+        "file": {"file_data": "data:application/pdf;base64,JVBERi0x", "filename": "a.pdf"},
+    }
+    linked = {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}}
+    by_id = {"type": "file", "file": {"file_id": "file-abc"}}
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, audio, pdf, linked, by_id]},
+    ]
+    stored = without_inline_files(messages)
+    assert stored[0] == messages[0]
+    assert stored[1]["content"] == [
+        {"type": "text", "text": "hi"},
+        {
+            "type": "input_audio",
+            "input_audio": {"data": "<600 characters not stored>", "format": "wav"},
+        },
+        {
+            "type": "file",
+            "file": {
+                "file_data": "data:application/pdf;base64,<8 characters not stored>",
+                "filename": "a.pdf",
+            },
+        },
+        linked,
+        by_id,
+    ]
+    assert audio["input_audio"]["data"] == "UklGRg" * 100  # the request's own copy is untouched

@@ -368,7 +368,7 @@ def test_from_env_without_variables_gives_the_defaults() -> None:
     assert settings.port == 8000
     assert settings.host == "127.0.0.1"
     assert settings.auth_cache_ttl == 300.0
-    assert settings.max_body_bytes == 2 * 1024 * 1024
+    assert settings.max_body_bytes == 32 * 1024 * 1024
     assert settings.openai_base_url == "https://api.openai.com/v1"
     assert settings.database_url is None
     assert settings.admin_key is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +50,44 @@ def storable(value: Any) -> Any:
     if isinstance(value, list):
         return [storable(item) for item in value]
     return value
+
+
+# Content parts that can carry a file inline (OpenAI's chat format), and the
+# key of the part's object that holds it: a data: URL or bare base64.
+_INLINE_PARTS = {"image_url": "url", "input_audio": "data", "file": "file_data"}
+
+
+def without_inline_files(messages: Sequence[Mapping[str, object]]) -> list[dict[str, Any]]:
+    """Copies of `messages` in which every image, audio clip or file sent inline is
+    replaced by a note of its size; links (https URLs, file ids) are kept.
+
+    A photo or a PDF sent as base64 is megabytes, and a chat sends it again with
+    every later turn: stored as sent, each conversation row would hold it once
+    more. Memory extraction reads only the text.
+    """
+    return [_message_without_inline_files(message) for message in messages]
+
+
+def _message_without_inline_files(message: Mapping[str, object]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    return {**message, "content": [_part_without_inline_file(part) for part in content]}
+
+
+def _part_without_inline_file(part: Any) -> Any:
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in _INLINE_PARTS:
+        return part
+    holder, key = part.get(kind), _INLINE_PARTS[kind]
+    data = holder.get(key) if isinstance(holder, dict) else None
+    if not isinstance(data, str) or (kind == "image_url" and not data.startswith("data:")):
+        return part  # nothing inline: a link, or a shape the provider refused
+    header, comma, payload = data.partition(",") if data.startswith("data:") else ("", "", data)
+    return {
+        **part,
+        kind: {**holder, key: f"{header}{comma}<{len(payload):,} characters not stored>"},
+    }
 
 
 @dataclass(frozen=True)
