@@ -137,3 +137,19 @@ async def test_words_side_by_side_as_in_the_query_count_more(
     # Both hold every word of the query; the second is closer by cosine (0.71 vs 0.67).
     ids = [hit["id"] for hit in search(engram, user, "Which support group is the user in?")]
     assert ids.index(phrase) < ids.index(apart)
+
+
+async def test_among_equal_word_matches_the_newest_are_taken(
+    engram: Engram, db: asyncpg.Connection
+) -> None:
+    """Sixty memories hold the query's one word; thirty are taken as word matches,
+    and their neighbours get context: the newest thirty, not thirty by random id."""
+    user = engram.create_user()
+    await db.execute("UPDATE users SET dedup_threshold = 1 WHERE id = $1::uuid", user.id)
+    ids = [
+        str(engram.capture(user, f"Zebra sighting number {n} at the lake.")["id"])
+        for n in range(60)
+    ]
+    hits = [hit["id"] for hit in search(engram, user, "zebra?")]
+    assert len(hits) == 5
+    assert set(hits) <= set(ids[30:])

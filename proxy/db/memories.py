@@ -113,7 +113,7 @@ phrases AS MATERIALIZED (
 -- for rare words looked cheaper than the generic plan, and PostgreSQL then
 -- planned every search again (1.4 ms, against 0.5 ms to run it at 100,000 rows).
 hits AS MATERIALIZED (
-    SELECT id, user_id, content_tsv FROM memories
+    SELECT id, user_id, created_at, content_tsv FROM memories
     WHERE superseded_by IS NULL
       AND memory_words(user_id, content_tsv)
           && (SELECT memory_words($1, to_tsvector('english', $3)))
@@ -122,13 +122,13 @@ hits AS MATERIALIZED (
 -- query, a hyphenated word never matched, not even its own memory: 'running-sho'
 -- parses as 'running-sho' <-> 'running' <-> 'sho', and the memory holds 'run'.)
 matches AS (
-    SELECT hits.id, word
+    SELECT hits.id, hits.created_at, word
     FROM hits CROSS JOIN LATERAL unnest(tsvector_to_array(hits.content_tsv)) word
     WHERE hits.user_id = $1 AND word IN (SELECT word FROM terms)
 ),
 -- A phrase's memories hold both of its words, so they are among the hits.
 phrase_matches AS (
-    SELECT hits.id, phrases.first, phrases.second
+    SELECT hits.id, hits.created_at, phrases.first, phrases.second
     FROM hits JOIN phrases ON hits.content_tsv @@ phrases.query
     WHERE hits.user_id = $1
 ),
@@ -143,24 +143,26 @@ rarity AS (
     GROUP BY word, total.n
 ),
 lexical AS (
-    SELECT id, sum(weight) / (SELECT sum(idf) FROM rarity) AS coverage FROM (
-        SELECT id, idf AS weight FROM matches JOIN rarity USING (word)
+    SELECT id, created_at, sum(weight) / (SELECT sum(idf) FROM rarity) AS coverage FROM (
+        SELECT id, created_at, idf AS weight FROM matches JOIN rarity USING (word)
         UNION ALL
-        SELECT id, $10 * (first.idf + second.idf)
+        SELECT id, created_at, $10 * (first.idf + second.idf)
         FROM phrase_matches
         JOIN rarity first ON first.word = phrase_matches.first
         JOIN rarity second ON second.word = phrase_matches.second
     ) weighed
-    GROUP BY id
+    GROUP BY id, created_at
 ),
+-- Among equal coverages (memories holding the same one word), the newest: a
+-- later memory is likelier to be current (the id, random, decided until then).
 best_words AS (
-    SELECT id, coverage FROM lexical ORDER BY coverage DESC, id LIMIT $5
+    SELECT id, created_at, coverage FROM lexical
+    ORDER BY coverage DESC, created_at DESC, id LIMIT $5
 ),
--- Two captures deep on each side.
+-- Two captures deep on each side of each best match m.
 context AS (
-    SELECT beside.id, sum(best_words.coverage * power($8::float8, beside.steps)) AS coverage
-    FROM best_words
-    JOIN memories m ON m.id = best_words.id
+    SELECT beside.id, sum(m.coverage * power($8::float8, beside.steps)) AS coverage
+    FROM best_words m
     CROSS JOIN LATERAL (
         (SELECT n.id, row_number() OVER (ORDER BY n.created_at DESC, n.id DESC) AS steps
          FROM memories n

@@ -169,7 +169,8 @@ def ranking(
     candidates_per_half = LIMIT * 3
     semantic = np.argsort(-cosine)[:candidates_per_half]
     matched = np.nonzero(cover > 0)[0]
-    best_words = matched[np.argsort(-cover[matched], kind="stable")][:candidates_per_half]
+    # Equal coverages: the newest first (turns are captured in order).
+    best_words = matched[np.lexsort((-matched, -cover[matched]))][:candidates_per_half]
     beside = np.zeros(len(cosine))
     for i in best_words:  # turns are captured in order: i ± steps are `steps` captures away
         for steps in range(1, depth + 1):
