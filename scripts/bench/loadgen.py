@@ -67,11 +67,12 @@ def _sample(
     status: int,
     tail: bytes,
     headers: Mapping[str, str],
+    head: bytes = b"",
 ) -> Sample:
     streamed = b'"stream": true' in body
     failure = None
     if status != 200:
-        failure = f"status {status}"
+        failure = f"status {status}{_error_said(head)}"
     elif first is None:
         failure = "empty body"
     elif streamed and b"[DONE]" not in tail:
@@ -84,6 +85,15 @@ def _sample(
         headers.get("x-engram-memories-injected"),
         failure,
     )
+
+
+def _error_said(head: bytes) -> str:
+    """` <code>: <message>` of an OpenAI-shaped error body, so a run's failures say why."""
+    try:
+        error = json.loads(head)["error"]
+        return f" {error.get('code')}: {str(error.get('message'))[:160]}"
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _failed(started: float, error: Exception) -> Sample:
@@ -105,21 +115,23 @@ async def _wire_request(client: wire.Connection, target: Target, body: bytes) ->
         answer.status,
         answer.tail,
         answer.headers,
+        answer.head,
     )
 
 
 async def _httpx_request(client: httpx.AsyncClient, target: Target, body: bytes) -> Sample:
     started = time.perf_counter()
     first: float | None = None
-    tail = b""
+    tail = head = b""
     try:
         async with client.stream("POST", target.url, content=body, headers=target.headers) as r:
             async for chunk in r.aiter_raw():
                 if first is None:
                     first = time.perf_counter()
                 tail = (tail + chunk)[-32:]
+                head = (head + chunk)[: wire.HEAD_BYTES]
             return _sample(
-                started, first, time.perf_counter(), body, r.status_code, tail, r.headers
+                started, first, time.perf_counter(), body, r.status_code, tail, r.headers, head
             )
     except httpx.HTTPError as error:
         return _failed(started, error)

@@ -24,6 +24,9 @@ class WireError(Exception):
     """The connection broke or the answer was not HTTP."""
 
 
+HEAD_BYTES = 512
+
+
 @dataclass
 class Answer:
     status: int
@@ -31,6 +34,7 @@ class Answer:
     first_byte_at: float | None  # perf_counter() when the first body byte arrived
     ended_at: float
     tail: bytes  # the body's last 32 bytes
+    head: bytes  # its first HEAD_BYTES: an error answer's body, whole
 
 
 @dataclass
@@ -41,6 +45,7 @@ class _Reading:
     headers: dict[str, str] = field(default_factory=dict)
     first_byte_at: float | None = None
     tail: bytes = b""
+    head: bytes = b""
     keep_alive: bool = True
 
     # httptools callbacks
@@ -51,6 +56,8 @@ class _Reading:
         if self.first_byte_at is None:
             self.first_byte_at = time.perf_counter()
         self.tail = (self.tail + body)[-32:]
+        if len(self.head) < HEAD_BYTES:
+            self.head += body[: HEAD_BYTES - len(self.head)]
 
     def on_message_complete(self) -> None:
         if not self.done.done():
@@ -131,6 +138,7 @@ class Connection:
             reading.first_byte_at,
             time.perf_counter(),
             reading.tail,
+            reading.head,
         )
 
     async def aclose(self) -> None:
