@@ -44,6 +44,33 @@ def no_cookies() -> http.cookiejar.CookieJar:
     return http.cookiejar.CookieJar(policy=_RefuseCookies())
 
 
+class _ResendOnClosedConnection(httpx.AsyncBaseTransport):
+    """Sends a request again, once, on a new connection when the pooled one it went
+    out on had been closed by the provider before any answer came.
+
+    A provider closes an idle connection when its keep-alive timer ends (5 s for
+    uvicorn, so vLLM, and for Node; aiohttp keeps connections 30 s and hands out
+    the longest idle first): a request written just then is never read, and
+    aiohttp says only that the server disconnected. Engram answered 502. (A
+    provider that crashed while working on a request disconnects too: it gets the
+    request once more, as from the OpenAI SDK, which retries such errors.)
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await self.inner.handle_async_request(request)
+        except httpx.TransportError as error:
+            if not isinstance(error.__cause__, aiohttp.ServerDisconnectedError):
+                raise
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
     timeout = httpx.Timeout(
         connect=settings.upstream_connect_timeout,
@@ -68,7 +95,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
 
     return httpx.AsyncClient(
         timeout=timeout,
-        transport=AiohttpTransport(client=session),
+        transport=_ResendOnClosedConnection(AiohttpTransport(client=session)),
         follow_redirects=False,
         cookies=no_cookies(),
     )
