@@ -117,8 +117,8 @@ def print_results(payload: dict[str, Any]) -> None:
                     latency["p50"],
                     latency["p90"],
                     latency["p99"],
-                    group["recall_mean"],
-                    group["recall_min"],
+                    "n/a" if group["recall_mean"] is None else group["recall_mean"],
+                    "n/a" if group["recall_min"] is None else group["recall_min"],
                     group["short_results"],
                 )
             )
@@ -204,6 +204,7 @@ def verdicts(payload: dict[str, Any]) -> list[dict[str, Any]]:
 _SHORT = {
     "exact (from the table)": "exact",
     "engram pool, hybrid": "hybrid",
+    "engram pool, hybrid, words every memory holds": "hybrid, common words",
     "exact from the table (no index-only scan)": "table scan",
 }
 
