@@ -213,18 +213,18 @@ def _sample(
     query: Query, ms: float, got: set[uuid.UUID], want: set[uuid.UUID] | None
 ) -> dict[str, Any]:
     """One query's latency; and its recall, unless there is no right answer to check."""
-    if want is None:
-        recall, short = None, False
-    else:
-        recall, short = (len(got & want) / len(want) if want else 1.0), len(got) < len(want)
-    return {
+    sample = {
         "group": query.user.group,
         "on_topic": query.on_topic,
         "user_rows": query.user.rows,
         "ms": round(ms, 3),
-        "recall": recall,
-        "short": short,
+        "recall": None,
+        "short": False,
     }
+    if want is not None:
+        sample["recall"] = len(got & want) / len(want) if want else 1.0
+        sample["short"] = len(got) < len(want)
+    return sample
 
 
 def search_groups(measured: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,19 +236,13 @@ def search_groups(measured: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [m for m in measured if belongs(m)]
         if not rows:
             continue
+        recalls = [m["recall"] for m in rows if m["recall"] is not None]  # none: not checked
         groups[name] = {
             "queries": len(rows),
             "user_rows": stats.summary(m["user_rows"] for m in rows),
             "latency_ms": stats.summary(m["ms"] for m in rows),
-            "recall_mean": _rounded(sum, [m["recall"] for m in rows], len(rows)),
-            "recall_min": _rounded(min, [m["recall"] for m in rows]),
+            "recall_mean": round(sum(recalls) / len(recalls), 4) if recalls else None,
+            "recall_min": round(min(recalls), 4) if recalls else None,
             "short_results": sum(m["short"] for m in rows),
         }
     return groups
-
-
-def _rounded(how: Any, recalls: list[float | None], divisor: int = 1) -> float | None:
-    """`how` of the recalls (over `divisor`), or None for a run that checks none."""
-    if any(recall is None for recall in recalls):
-        return None
-    return round(how(recalls) / divisor, 4)
