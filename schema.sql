@@ -106,6 +106,12 @@ ALTER TABLE memories ADD COLUMN IF NOT EXISTS content_tsv tsvector
 CREATE OR REPLACE FUNCTION memory_words(owner uuid, words tsvector) RETURNS text[]
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
     RETURN ARRAY(SELECT owner::text || ' ' || word FROM unnest(tsvector_to_array(words)) word);
+-- A query matching exactly one lexeme, as hybrid search tests each of its words
+-- against a memory's. Quoted, not parsed: to_tsquery would split a lexeme such
+-- as 'running-sho' (from "running-shoes") into a phrase that no memory holds.
+CREATE OR REPLACE FUNCTION lexeme_query(lexeme text) RETURNS tsquery
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+    RETURN ('''' || replace(replace(lexeme, '\', '\\'), '''', '''''') || '''')::tsquery;
 DROP INDEX IF EXISTS memories_content_tsv;
 -- Without the fast-update pending list: with it, new entries wait in one
 -- unsorted list, shared by all users, that every word search reads through

@@ -170,19 +170,53 @@ async def wordy_database(database_url: str) -> AsyncIterator[tuple[str, uuid.UUI
         yield url, users[0]["id"]
 
 
+@pytest.fixture(scope="module")
+async def lone_user_database(database_url: str) -> AsyncIterator[tuple[str, uuid.UUID]]:
+    """A laptop's database: one user owning all of its 1,000 memories; and the user's id."""
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            user_id = await connection.fetchval(
+                "INSERT INTO users (email) VALUES ('lone@example.com') RETURNING id"
+            )
+            await connection.execute(
+                """
+                INSERT INTO memories (user_id, content, content_hash, embedding)
+                SELECT $1, 'synthetic memory ' || n, md5(n::text),
+                       array_fill((n % 7 + 1)::real, ARRAY[384])::vector
+                FROM generate_series(1, 1000) n
+                """,
+                user_id,
+            )
+            await connection.execute("VACUUM (ANALYZE) memories")
+        finally:
+            await connection.close()
+        yield url, user_id
+
+
 async def test_hybrid_search_settles_on_a_generic_plan(
     wordy_database: tuple[str, uuid.UUID],
 ) -> None:
     """Planning the hybrid statement costs more than running it (1.4 ms against 0.5 at
-    100,000 memories): after its first five calls PostgreSQL must reuse one plan. A
-    plan made for words that no memory holds looked cheaper than the generic one,
-    and then it planned every call again."""
-    url, user_id = wordy_database
+    100,000 memories): after its first five calls PostgreSQL must reuse one plan. It
+    does when the generic plan's estimated cost is not above the custom plans'; a
+    custom plan's estimate knows the query's words and the candidate count, and
+    looked cheaper than the generic one (then every call was planned again)."""
+    await _assert_settles_on_a_generic_plan(*wordy_database)
+
+
+async def test_hybrid_search_settles_on_a_generic_plan_for_a_lone_user(
+    lone_user_database: tuple[str, uuid.UUID],
+) -> None:
+    await _assert_settles_on_a_generic_plan(*lone_user_database)
+
+
+async def _assert_settles_on_a_generic_plan(url: str, user_id: uuid.UUID) -> None:
     query = np.full(384, 0.5, dtype=np.float32)
     pool = await create_pool(url, min_size=1, max_size=1)  # one connection: one plan cache
     try:
-        for _ in range(12):
-            await memory_sql.search(pool, user_id, query, 5, 0.0, "a zebra, then?")
+        for text in ["a zebra, then?", "which synthetic memory?"] * 6:
+            await memory_sql.search(pool, user_id, query, 5, 0.0, text)
         plans = await pool.fetchrow(
             "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
             memory_sql._HYBRID_SEARCH,
@@ -327,3 +361,35 @@ async def test_a_hyphenated_word_matches_the_memories_that_hold_it(
     await store(pool, owner, [hyphenated, spaced, *fillers])
     hits = await memory_sql.search(pool, owner, unit(1), 2, 0.0, "Which dairy-free cakes?")
     assert [hit.content for hit in hits] == [hyphenated[0], spaced[0]]
+
+
+async def test_a_lexeme_query_matches_exactly_its_lexeme(pool: Pool) -> None:
+    """Hybrid search tests each query word with lexeme_query: quotes, backslashes,
+    hyphens and operators in a lexeme are its own characters, not query syntax."""
+    text = r"see http://example.com/o'neil?q=1 or C:\Users\bob\notes.txt, dairy-free:* a&b|c!"
+    rows = await pool.fetch(
+        """
+        SELECT lexeme,
+               to_tsvector('english', $1) @@ lexeme_query(lexeme) AS held,
+               to_tsvector('english', 'something else') @@ lexeme_query(lexeme) AS elsewhere
+        FROM unnest(to_tsvector('english', $1))
+        """,
+        text,
+    )
+    lexemes = {row["lexeme"] for row in rows}
+    assert {"example.com/o'neil?q=1", "dairy-fre"} <= lexemes
+    assert all(row["held"] and not row["elsewhere"] for row in rows)
+
+
+async def test_query_words_with_quotes_and_backslashes_find_their_memory(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    owner, _ = users
+    fillers = [(f"filler {n}", unit(1)) for n in range(20)]
+    # Nearer by cosine, the fillers win unless the words match.
+    text = r"The report is at http://example.com/o'neil and C:\Users\bob\notes.txt"
+    target = (text, unit(0.9, 0.44))
+    await store(pool, owner, [*fillers, target])
+    query = r"Where is http://example.com/o'neil or C:\Users\bob\notes.txt?"
+    hits = await memory_sql.search(pool, owner, unit(1), 1, 0.0, query)
+    assert [hit.content for hit in hits] == [target[0]]

@@ -84,6 +84,9 @@ ORDER BY nearest.distance
 # years already!") often shares no word with the question; the turn it answers
 # does, and often with the other speaker's reply between them.
 _HYBRID_SEARCH = """
+-- The candidate count $5 is read through a subquery, as the query's words are
+-- (see hits), so that no plan is made for its value: one made for it looked
+-- cheaper than the generic plan, for a user owning the whole table.
 -- Materialized: read twice, for the candidates and for their scores.
 WITH semantic AS MATERIALIZED (
     SELECT id, distance FROM (
@@ -91,73 +94,65 @@ WITH semantic AS MATERIALIZED (
         FROM memories
         WHERE user_id = $1 AND superseded_by IS NULL
         ORDER BY distance
-        LIMIT $5
+        LIMIT (SELECT $5::int)
     ) nearest
 ),
-terms AS (
-    SELECT lexeme AS word, positions
+-- The query's words, each with a query that matches exactly that word.
+terms AS MATERIALIZED (
+    SELECT lexeme AS word, positions, lexeme_query(lexeme) AS query
     FROM unnest(to_tsvector('english', $3))
 ),
--- Materialized: inlined, a generic plan re-derived the phrases once per hit.
 phrases AS MATERIALIZED (
-    SELECT a.word AS first, b.word AS second,
-           to_tsquery('simple', quote_literal(a.word) || ' <-> ' || quote_literal(b.word)) AS query
+    SELECT a.word AS first, b.word AS second, tsquery_phrase(a.query, b.query) AS query
     FROM terms a, terms b
     WHERE EXISTS (SELECT FROM unnest(a.positions) p, unnest(b.positions) q WHERE q = p + 1)
 ),
 -- The user's memories holding any of the query's words, through the (user,
 -- word) keys of memories_user_words: the work grows with the user's matches, not
--- with the user's memories or with the word's count over all users. Materialized
--- so the user test below cannot be planned into another index instead. The keys
--- come from a subquery so that no plan is made for the query's words: one made
--- for rare words looked cheaper than the generic plan, and PostgreSQL then
--- planned every search again (1.4 ms, against 0.5 ms to run it at 100,000 rows).
+-- with the user's memories or with the word's count over all users.
+-- Materialized so the user test below cannot be planned into another index
+-- instead. The keys come from a subquery so that no plan is made for the
+-- query's words: one made for rare words looked cheaper than the generic plan,
+-- and PostgreSQL then planned every search again (1.4 ms, against 0.5 ms to
+-- run it at 100,000 rows).
 hits AS MATERIALIZED (
     SELECT id, user_id, created_at, content_tsv FROM memories
     WHERE superseded_by IS NULL
       AND memory_words(user_id, content_tsv)
           && (SELECT memory_words($1, to_tsvector('english', $3)))
 ),
--- A word matches a memory that holds it. (Tested with @@ against the word as a
--- query, a hyphenated word never matched, not even its own memory: 'running-sho'
--- parses as 'running-sho' <-> 'running' <-> 'sho', and the memory holds 'run'.)
-matches AS (
-    SELECT hits.id, hits.created_at, word
-    FROM hits CROSS JOIN LATERAL unnest(tsvector_to_array(hits.content_tsv)) word
-    WHERE hits.user_id = $1 AND word IN (SELECT word FROM terms)
-),
--- A phrase's memories hold both of its words, so they are among the hits.
-phrase_matches AS (
-    SELECT hits.id, hits.created_at, phrases.first, phrases.second
-    FROM hits JOIN phrases ON hits.content_tsv @@ phrases.query
-    WHERE hits.user_id = $1
-),
--- Materialized: inlined, a generic plan could re-run the count once per match
+-- Materialized: inlined, a generic plan could re-run the count once per hit
 -- (1,912 times for a 1,000-memory user whose every memory held a query word).
 total AS MATERIALIZED (
     SELECT count(*) AS n FROM memories WHERE user_id = $1 AND superseded_by IS NULL
 ),
-rarity AS (
-    SELECT word, ln(1 + (total.n - count(matches.id) + 0.5) / (count(matches.id) + 0.5)) AS idf
-    FROM terms LEFT JOIN matches USING (word) CROSS JOIN total
-    GROUP BY word, total.n
+-- Each word tested against each hit with @@, a binary search of its words:
+-- unnesting every hit's words and joining them to the query's took twice as long.
+rarity AS MATERIALIZED (
+    SELECT word, query, ln(1 + (total.n - held.n + 0.5) / (held.n + 0.5)) AS idf
+    FROM terms CROSS JOIN total CROSS JOIN LATERAL (
+        SELECT count(*) AS n FROM hits WHERE hits.user_id = $1 AND hits.content_tsv @@ terms.query
+    ) held
+),
+phrase_weights AS MATERIALIZED (
+    SELECT phrases.query, $10 * (first.idf + second.idf) AS weight
+    FROM phrases
+    JOIN rarity first ON first.word = phrases.first
+    JOIN rarity second ON second.word = phrases.second
 ),
 lexical AS (
-    SELECT id, created_at, sum(weight) / (SELECT sum(idf) FROM rarity) AS coverage FROM (
-        SELECT id, created_at, idf AS weight FROM matches JOIN rarity USING (word)
-        UNION ALL
-        SELECT id, created_at, $10 * (first.idf + second.idf)
-        FROM phrase_matches
-        JOIN rarity first ON first.word = phrase_matches.first
-        JOIN rarity second ON second.word = phrase_matches.second
-    ) weighed
-    GROUP BY id, created_at
+    SELECT hits.id, hits.created_at,
+           ((SELECT sum(idf) FROM rarity WHERE hits.content_tsv @@ rarity.query)
+            + coalesce((SELECT sum(weight) FROM phrase_weights
+                        WHERE hits.content_tsv @@ phrase_weights.query), 0))
+           / (SELECT sum(idf) FROM rarity) AS coverage
+    FROM hits WHERE hits.user_id = $1
 ),
 -- Among equal coverages (memories holding the same one word), the newest: a
 -- later memory is likelier to be current (the id, random, decided until then).
 best_words AS (
     SELECT id, created_at, coverage FROM lexical
-    ORDER BY coverage DESC, created_at DESC, id LIMIT $5
+    ORDER BY coverage DESC, created_at DESC, id LIMIT (SELECT $5::int)
 ),
 -- Two captures deep on each side of each best match m.
 context AS (
@@ -180,24 +175,31 @@ context AS (
     ) beside
     GROUP BY beside.id
 ),
+-- Every candidate with its distance (known for the vector half's) and its word
+-- coverage, its own and its neighbours'. Pooled and grouped, not joined: the
+-- planner takes lexical for a row or two, and joined to the candidates it became
+-- a nested loop over every hit per candidate (50 ms for 10,000 hits). Scored
+-- from what is known already: a candidate's table row is read for its vector
+-- only when it came from the words alone, and for its content only when it is
+-- returned. Reading every candidate's row first cost a quarter to a third of the
+-- query for a 1,000-memory user (scripts/BENCHMARKS.md, experiments).
 candidates AS (
-    SELECT id FROM semantic UNION SELECT id FROM best_words UNION SELECT id FROM context
+    SELECT id, min(distance) AS distance, sum(coverage) AS coverage FROM (
+        SELECT id, distance, 0 AS coverage, true AS candidate FROM semantic
+        UNION ALL SELECT id, NULL, 0, true FROM best_words
+        UNION ALL SELECT id, NULL, coverage, true FROM context
+        UNION ALL SELECT id, NULL, coverage, false FROM lexical
+    ) pooled
+    GROUP BY id
+    HAVING bool_or(candidate)
 ),
--- Scored from what is known already (a vector neighbour's distance, the word
--- coverages): a candidate's table row is read for its vector only when it came
--- from the words alone, and for its content only when it is returned. Reading
--- every candidate's row first cost a quarter to a third of the query for a
--- 1,000-memory user (scripts/BENCHMARKS.md, experiments).
 scored AS (
-    SELECT candidates.id,
-           1 - coalesce(semantic.distance, (
+    SELECT id,
+           1 - coalesce(distance, (
                SELECT cosine_distance(m.embedding, $2) FROM memories m
                WHERE m.id = candidates.id AND m.user_id = $1)) AS score,
-           coalesce(lexical.coverage, 0) + coalesce(context.coverage, 0) AS coverage
+           coverage
     FROM candidates
-    LEFT JOIN semantic ON semantic.id = candidates.id
-    LEFT JOIN lexical ON lexical.id = candidates.id
-    LEFT JOIN context ON context.id = candidates.id
 ),
 best AS (
     SELECT id, score, coverage FROM scored WHERE score >= $4
