@@ -133,6 +133,104 @@ CREATE INDEX IF NOT EXISTS memories_superseded_by
 CREATE INDEX IF NOT EXISTS memories_source_conversation
     ON memories (source_conversation_id) WHERE source_conversation_id IS NOT NULL;
 
+-- How many of a user's active memories hold each word; the row whose word is ''
+-- counts them all. Hybrid search weighs a query word by its count, and reads
+-- the memories holding it only while that count is small (proxy/db/memories.py):
+-- counting them through memories_user_words reads each one from the table.
+-- Kept by the triggers below, whatever writes memories.
+CREATE TABLE IF NOT EXISTS memory_word_counts (
+    user_id uuid    NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    word    text    NOT NULL,
+    holders integer NOT NULL,
+    PRIMARY KEY (user_id, word)
+);
+-- Adds each memory's delta (1 entering the active set, -1 leaving it) to the
+-- counts of its words and of ''.
+CREATE OR REPLACE FUNCTION shift_memory_word_counts(owners uuid[], words tsvector[], deltas integer[])
+    RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    gone_owners uuid[];
+    gone_words text[];
+BEGIN
+    WITH shifts AS (
+        SELECT owner, word, sum(delta)::integer AS delta
+        FROM unnest(owners, words, deltas) AS changed(owner, words, delta),
+             unnest(array_append(tsvector_to_array(changed.words), '')) AS word
+        GROUP BY owner, word
+        HAVING sum(delta) <> 0
+    ),
+    shifted AS (
+        INSERT INTO memory_word_counts AS counts (user_id, word, holders)
+        SELECT owner, word, delta FROM shifts
+        -- A deleted user's memories leave with it, and so do its counts.
+        WHERE EXISTS (SELECT FROM users WHERE users.id = shifts.owner)
+        -- One lock order for every writer, so two of them cannot deadlock.
+        ORDER BY owner, word
+        ON CONFLICT (user_id, word) DO UPDATE SET holders = counts.holders + excluded.holders
+        RETURNING counts.user_id, counts.word, counts.holders
+    )
+    SELECT array_agg(user_id), array_agg(word) INTO gone_owners, gone_words
+    FROM shifted WHERE holders <= 0;
+    IF gone_owners IS NOT NULL THEN
+        DELETE FROM memory_word_counts counts
+        USING unnest(gone_owners, gone_words) AS gone(owner, word)
+        WHERE counts.user_id = gone.owner AND counts.word = gone.word AND counts.holders <= 0;
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION count_inserted_memory_words() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM shift_memory_word_counts(array_agg(user_id), array_agg(content_tsv), array_agg(1))
+    FROM inserted WHERE superseded_by IS NULL;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION count_deleted_memory_words() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM shift_memory_word_counts(array_agg(user_id), array_agg(content_tsv), array_agg(-1))
+    FROM deleted WHERE superseded_by IS NULL;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION count_updated_memory_words() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM shift_memory_word_counts(
+        ARRAY[OLD.user_id, NEW.user_id], ARRAY[OLD.content_tsv, NEW.content_tsv],
+        ARRAY[CASE WHEN OLD.superseded_by IS NULL THEN -1 ELSE 0 END,
+              CASE WHEN NEW.superseded_by IS NULL THEN 1 ELSE 0 END]);
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION forget_memory_word_counts() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE memory_word_counts;
+    RETURN NULL;
+END $$;
+-- Per statement for inserts and deletes (a COPY of 20,000 memories is one call);
+-- per row for updates, and only for those that change the words or the active
+-- set: every answer updates its memories' access counts.
+CREATE OR REPLACE TRIGGER memories_count_inserted_words
+    AFTER INSERT ON memories REFERENCING NEW TABLE AS inserted
+    FOR EACH STATEMENT EXECUTE FUNCTION count_inserted_memory_words();
+CREATE OR REPLACE TRIGGER memories_count_deleted_words
+    AFTER DELETE ON memories REFERENCING OLD TABLE AS deleted
+    FOR EACH STATEMENT EXECUTE FUNCTION count_deleted_memory_words();
+CREATE OR REPLACE TRIGGER memories_count_updated_words
+    AFTER UPDATE OF content, superseded_by ON memories FOR EACH ROW
+    WHEN (OLD.content_tsv IS DISTINCT FROM NEW.content_tsv
+          OR OLD.superseded_by IS DISTINCT FROM NEW.superseded_by)
+    EXECUTE FUNCTION count_updated_memory_words();
+CREATE OR REPLACE TRIGGER memories_forget_word_counts
+    AFTER TRUNCATE ON memories
+    FOR EACH STATEMENT EXECUTE FUNCTION forget_memory_word_counts();
+-- Counts for the memories written before the table existed. The triggers above
+-- hold a lock on memories that keeps writers out until this transaction ends.
+INSERT INTO memory_word_counts (user_id, word, holders)
+SELECT user_id, word, count(*)
+FROM memories, unnest(array_append(tsvector_to_array(content_tsv), '')) AS word
+WHERE superseded_by IS NULL AND NOT EXISTS (SELECT FROM memory_word_counts)
+GROUP BY user_id, word;
+
 -- Why did the model say that? One row per proxied call: what was asked, which
 -- memories were found with which scores, and where the time went.
 CREATE TABLE IF NOT EXISTS retrieval_logs (

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from proxy.db import memories as memory_sql
-from proxy.db.pool import Pool, create_pool
+from proxy.db.pool import Pool, apply_schema, create_pool
 from tests.conftest import scratch_database
 
 pytestmark = pytest.mark.anyio
@@ -227,25 +227,6 @@ async def _assert_settles_on_a_generic_plan(url: str, user_id: uuid.UUID) -> Non
     assert plans["custom_plans"] <= 5 < plans["custom_plans"] + plans["generic_plans"]
 
 
-@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
-async def test_hybrid_search_counts_the_users_memories_once(
-    crowded_database: tuple[str, dict[str, uuid.UUID]], plan: str
-) -> None:
-    """The word rarity needs the user's memory count: once per query, not once per match."""
-    url, users = crowded_database
-    # Every one of the user's memories holds the word "memory".
-    nodes = await _explained_hybrid_search(url, users["1%"], "which memory is it?", plan)
-    counts = [
-        node
-        for node in nodes
-        if node["Node Type"] == "Aggregate"
-        and node.get("Strategy") == "Plain"
-        and [child.get("Relation Name") for child in node.get("Plans", [])] == ["memories"]
-    ]
-    assert counts, "no count of the user's memories in the plan"
-    assert [node["Actual Loops"] for node in counts] == [1] * len(counts)
-
-
 async def _explained_hybrid_search(
     url: str, user_id: uuid.UUID, query: str, plan: str
 ) -> list[dict[str, Any]]:
@@ -260,7 +241,8 @@ async def _explained_hybrid_search(
                 "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE engram_hybrid("
                 f"'{user_id}', '{literal}', '{query}', 0, 30, 5, "
                 f"{memory_sql.WORDS_WEIGHT}, {memory_sql.CONTEXT_SHARE}, "
-                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', {memory_sql.PHRASE_SHARE})"
+                f"'{memory_sql.CONTEXT_WINDOW.total_seconds()} seconds', "
+                f"{memory_sql.PHRASE_SHARE}, {memory_sql.WORD_READS})"
             )
             await connection.execute("DEALLOCATE engram_hybrid")
     finally:
@@ -280,9 +262,16 @@ async def test_hybrid_search_reads_only_the_users_memories_that_hold_a_query_wor
     url, users = crowded_database
     # Of the 1 % user's 200 memories ("memory 1" … "memory 200"), one holds "17".
     nodes = await _explained_hybrid_search(url, users["1%"], "what is 17?", plan)
+    print(
+        [
+            (n["Node Type"], n.get("Index Name"), n.get("Actual Rows"))
+            for n in nodes
+            if n.get("Relation Name") == "memories" or n.get("Index Name")
+        ]
+    )
     words = [node for node in nodes if node.get("Index Name") == "memories_user_words"]
     assert [node["Actual Rows"] for node in words] == [1]
-    # Only the vector half and the count go through all of the user's rows, and
+    # Only the vector half goes through all of the user's rows, and
     # from indexes alone: no table read per memory the user has.
     whole = {
         node["Node Type"]
@@ -290,6 +279,19 @@ async def test_hybrid_search_reads_only_the_users_memories_that_hold_a_query_wor
         if node.get("Relation Name") == "memories" and node["Actual Rows"] >= BIG_USER_ROWS
     }
     assert whole == {"Index Only Scan"}
+
+
+@pytest.mark.parametrize("plan", ["force_custom_plan", "force_generic_plan"])
+async def test_a_word_too_many_memories_hold_is_not_searched(
+    crowded_database: tuple[str, dict[str, uuid.UUID]], plan: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past WORD_READS memories, only the rarest words' memories are read."""
+    monkeypatch.setattr(memory_sql, "WORD_READS", BIG_USER_ROWS // 2)
+    url, users = crowded_database
+    # All of the 1 % user's memories hold "memory", one holds "17".
+    nodes = await _explained_hybrid_search(url, users["1%"], "which memory is 17?", plan)
+    words = [node for node in nodes if node.get("Index Name") == "memories_user_words"]
+    assert [node["Actual Rows"] for node in words] == [1]
 
 
 @pytest.fixture
@@ -393,3 +395,139 @@ async def test_query_words_with_quotes_and_backslashes_find_their_memory(
     query = r"Where is http://example.com/o'neil or C:\Users\bob\notes.txt?"
     hits = await memory_sql.search(pool, owner, unit(1), 1, 0.0, query)
     assert [hit.content for hit in hits] == [target[0]]
+
+
+async def _word_count_errors(pool: Pool, owners: list[uuid.UUID]) -> list[dict[str, Any]]:
+    """memory_word_counts against a count of the owners' active memories, where they differ."""
+    rows = await pool.fetch(
+        """
+        WITH truth AS (
+            SELECT user_id, word, count(*)::integer AS holders
+            FROM memories, unnest(array_append(tsvector_to_array(content_tsv), '')) word
+            WHERE superseded_by IS NULL AND user_id = ANY ($1::uuid[])
+            GROUP BY user_id, word
+        ),
+        kept AS (SELECT * FROM memory_word_counts WHERE user_id = ANY ($1::uuid[]))
+        SELECT user_id, word, truth.holders AS truth, kept.holders AS kept
+        FROM truth FULL JOIN kept USING (user_id, word)
+        WHERE truth.holders IS DISTINCT FROM kept.holders
+        """,
+        owners,
+    )
+    return [dict(row) for row in rows]
+
+
+async def test_word_counts_follow_every_write_to_memories(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    owner, other = users
+    await store(pool, owner, [("apple pie", unit(1)), ("apple tart", unit(1))])
+    await store(pool, other, [("apple juice", unit(1))])
+    inserted = await pool.fetch(
+        """
+        INSERT INTO memories (user_id, content, content_hash, embedding)
+        SELECT $1, text, md5(text), $2 FROM unnest($3::text[]) text RETURNING id, content
+        """,
+        owner,
+        unit(1),
+        ["pear pie", "plum jam", "old plum"],
+    )
+    ids = {row["content"]: row["id"] for row in inserted}
+    assert await _word_count_errors(pool, users) == []
+    assert (
+        await pool.fetchval(
+            "SELECT holders FROM memory_word_counts WHERE user_id = $1 AND word = 'appl'", owner
+        )
+        == 2
+    )
+
+    steps = [
+        # Rephrased: the old words leave, the new ones come.
+        ("UPDATE memories SET content = 'pear crumble' WHERE id = $1", ids["pear pie"]),
+        # Superseded: all its words leave the active set.
+        ("UPDATE memories SET superseded_by = $1 WHERE content = 'old plum'", ids["plum jam"]),
+        # What every answer does: no word changes, and nothing is counted.
+        ("UPDATE memories SET access_count = access_count + 1 WHERE id = $1", ids["plum jam"]),
+        ("DELETE FROM memories WHERE content = 'old plum' AND superseded_by = $1", ids["plum jam"]),
+        ("DELETE FROM memories WHERE id = $1", ids["plum jam"]),
+    ]
+    for sql, argument in steps:
+        await pool.execute(sql, argument)
+        assert await _word_count_errors(pool, users) == [], sql
+    # "plum" was held by two memories, one superseded and one deleted: its row goes.
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM memory_word_counts WHERE user_id = $1 AND word = 'plum'", owner
+    )
+    await pool.execute("DELETE FROM users WHERE id = $1", other)
+    assert not await pool.fetchval(
+        "SELECT count(*) FROM memory_word_counts WHERE user_id = $1", other
+    )
+    assert await _word_count_errors(pool, [owner]) == []
+
+
+async def test_a_word_most_memories_hold_is_weighed_but_not_searched(
+    pool: Pool, users: list[uuid.UUID], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past WORD_READS memories, the word half reads only the rarest words' memories;
+    a commoner word still adds to the coverage of the vector half's candidates."""
+    monkeypatch.setattr(memory_sql, "WORD_READS", 20)
+    owner, _ = users
+    fillers = [(f"filler {n}", unit(0, 1)) for n in range(34)]
+    commons = [(f"common note {n}", unit(0, 1)) for n in range(23)]
+    near_and_common = ("a common thing", unit(0.93, 0.37))
+    nearest = ("nothing shared", unit(0.97, 0.24))
+    rare = ("a zebra", unit(0, 1))
+    await store(pool, owner, [*fillers, *commons, near_and_common, nearest, rare])
+    # 60 memories, 24 of them holding "common": too many to read; "zebra" is read.
+    hits = await memory_sql.search(pool, owner, unit(1), 3, 0.0, "common zebra?")
+    # Without "common", the nearest would come first.
+    assert [hit.content for hit in hits] == [near_and_common[0], nearest[0], rare[0]]
+
+
+async def test_word_counts_are_made_for_the_memories_of_an_older_database(
+    database_url: str,
+) -> None:
+    """A database from before memory_word_counts: its memories are counted at upgrade."""
+    async with scratch_database(database_url) as url:
+        connection = await asyncpg.connect(url)
+        try:
+            await connection.execute(
+                """
+                DROP TRIGGER memories_count_inserted_words ON memories;
+                DROP TRIGGER memories_count_deleted_words ON memories;
+                DROP TRIGGER memories_count_updated_words ON memories;
+                DROP TRIGGER memories_forget_word_counts ON memories;
+                DROP TABLE memory_word_counts;
+                """
+            )
+            owners = [
+                row["id"]
+                for row in await connection.fetch(
+                    "INSERT INTO users (email) SELECT 'old-' || n || '@example.com'"
+                    " FROM generate_series(1, 2) n RETURNING id"
+                )
+            ]
+            await connection.execute(
+                """
+                INSERT INTO memories (user_id, content, content_hash, embedding)
+                SELECT owner, 'old memory ' || n || ' of ' || owner, md5(owner::text || n),
+                       array_fill(1::real, ARRAY[384])::vector
+                FROM unnest($1::uuid[]) owner, generate_series(1, 30) n
+                """,
+                owners,
+            )
+        finally:
+            await connection.close()
+        await apply_schema(url, force=True)
+        pool = await create_pool(url, min_size=1, max_size=1)
+        try:
+            assert await _word_count_errors(pool, owners) == []
+            assert (
+                await pool.fetchval(
+                    "SELECT holders FROM memory_word_counts WHERE user_id = $1 AND word = ''",
+                    owners[0],
+                )
+                == 30
+            )
+        finally:
+            await pool.close()

@@ -97,42 +97,62 @@ WITH semantic AS MATERIALIZED (
         LIMIT (SELECT $5::int)
     ) nearest
 ),
--- The query's words, each with a query that matches exactly that word.
+-- The query's words, each with a query that matches exactly that word and with
+-- the number of the user's active memories that hold it.
 terms AS MATERIALIZED (
-    SELECT lexeme AS word, positions, lexeme_query(lexeme) AS query
+    SELECT lexeme AS word, positions, lexeme_query(lexeme) AS query,
+           coalesce(counts.holders, 0) AS holders
     FROM unnest(to_tsvector('english', $3))
+    LEFT JOIN memory_word_counts counts ON counts.user_id = $1 AND counts.word = lexeme
+),
+total AS MATERIALIZED (
+    SELECT coalesce(
+        (SELECT holders FROM memory_word_counts WHERE user_id = $1 AND word = ''), 0) AS n
+),
+-- The words whose memories are read: all of them for a user with at most $11
+-- memories; for a bigger one, the rarest first, while their memories add up to
+-- at most $11. A word most of a big user's memories hold ("user", in memories
+-- an extraction model wrote) would otherwise cost a table read per memory (105
+-- ms for 10,000), to rank memories by little more than their age. A word left
+-- out still weighs in the coverage of the memories that are read.
+searched AS MATERIALIZED (
+    SELECT word FROM (
+        SELECT word, sum(holders) OVER (ORDER BY holders, word) AS reach FROM terms
+    ) cumulated
+    WHERE reach <= $11 OR (SELECT n FROM total) <= $11
 ),
 phrases AS MATERIALIZED (
     SELECT a.word AS first, b.word AS second, tsquery_phrase(a.query, b.query) AS query
     FROM terms a, terms b
     WHERE EXISTS (SELECT FROM unnest(a.positions) p, unnest(b.positions) q WHERE q = p + 1)
 ),
--- The user's memories holding any of the query's words, through the (user,
--- word) keys of memories_user_words: the work grows with the user's matches, not
--- with the user's memories or with the word's count over all users.
--- Materialized so the user test below cannot be planned into another index
--- instead. The keys come from a subquery so that no plan is made for the
+-- The user's memories holding any searched word, through the (user, word) keys
+-- of memories_user_words (as memory_words makes them): the work grows with the
+-- user's matches, not with the user's memories or with the word's count over
+-- all users. Materialized so the user test below cannot be planned into another
+-- index instead. The keys come from a subquery so that no plan is made for the
 -- query's words: one made for rare words looked cheaper than the generic plan,
--- and PostgreSQL then planned every search again (1.4 ms, against 0.5 ms to
--- run it at 100,000 rows).
+-- and PostgreSQL then planned every search again (1.4 ms, against 0.5 ms to run
+-- it at 100,000 rows).
 hits AS MATERIALIZED (
     SELECT id, user_id, created_at, content_tsv FROM memories
     WHERE superseded_by IS NULL
       AND memory_words(user_id, content_tsv)
-          && (SELECT memory_words($1, to_tsvector('english', $3)))
+          && (SELECT array_agg($1::text || ' ' || word) FROM searched)
 ),
--- Materialized: inlined, a generic plan could re-run the count once per hit
--- (1,912 times for a 1,000-memory user whose every memory held a query word).
-total AS MATERIALIZED (
-    SELECT count(*) AS n FROM memories WHERE user_id = $1 AND superseded_by IS NULL
+-- And the vector half's candidates that are not hits, when a word was left out
+-- of the search: they may hold it.
+worded AS (
+    SELECT id, created_at, content_tsv, true AS hit FROM hits WHERE hits.user_id = $1
+    UNION ALL
+    SELECT m.id, m.created_at, m.content_tsv, false
+    FROM semantic JOIN memories m ON m.id = semantic.id AND m.user_id = $1
+    WHERE EXISTS (SELECT FROM terms WHERE word NOT IN (SELECT word FROM searched))
+      AND semantic.id NOT IN (SELECT id FROM hits)
 ),
--- Each word tested against each hit with @@, a binary search of its words:
--- unnesting every hit's words and joining them to the query's took twice as long.
 rarity AS MATERIALIZED (
-    SELECT word, query, ln(1 + (total.n - held.n + 0.5) / (held.n + 0.5)) AS idf
-    FROM terms CROSS JOIN total CROSS JOIN LATERAL (
-        SELECT count(*) AS n FROM hits WHERE hits.user_id = $1 AND hits.content_tsv @@ terms.query
-    ) held
+    SELECT word, query, ln(1 + (total.n - holders + 0.5) / (holders + 0.5)) AS idf
+    FROM terms CROSS JOIN total
 ),
 phrase_weights AS MATERIALIZED (
     SELECT phrases.query, $10 * (first.idf + second.idf) AS weight
@@ -140,18 +160,20 @@ phrase_weights AS MATERIALIZED (
     JOIN rarity first ON first.word = phrases.first
     JOIN rarity second ON second.word = phrases.second
 ),
+-- Each word tested with @@, a binary search of the memory's words: unnesting
+-- every hit's words and joining them to the query's took twice as long.
 lexical AS (
-    SELECT hits.id, hits.created_at,
-           ((SELECT sum(idf) FROM rarity WHERE hits.content_tsv @@ rarity.query)
+    SELECT id, created_at, hit,
+           (coalesce((SELECT sum(idf) FROM rarity WHERE content_tsv @@ rarity.query), 0)
             + coalesce((SELECT sum(weight) FROM phrase_weights
-                        WHERE hits.content_tsv @@ phrase_weights.query), 0))
+                        WHERE content_tsv @@ phrase_weights.query), 0))
            / (SELECT sum(idf) FROM rarity) AS coverage
-    FROM hits WHERE hits.user_id = $1
+    FROM worded
 ),
 -- Among equal coverages (memories holding the same one word), the newest: a
 -- later memory is likelier to be current (the id, random, decided until then).
 best_words AS (
-    SELECT id, created_at, coverage FROM lexical
+    SELECT id, created_at, coverage FROM lexical WHERE hit
     ORDER BY coverage DESC, created_at DESC, id LIMIT (SELECT $5::int)
 ),
 -- Two captures deep on each side of each best match m.
@@ -224,6 +246,8 @@ PHRASE_SHARE = 0.5
 # recall@10 0.743 / 0.757 / 0.756 one / two / three deep, scripts/BENCHMARKS.md).
 CONTEXT_SHARE = 0.5
 CONTEXT_WINDOW = timedelta(minutes=10)
+# The most memories the word half reads for a user who has more: see `searched`.
+WORD_READS = 1000
 
 
 async def search(
@@ -254,6 +278,7 @@ async def search(
             CONTEXT_SHARE,
             CONTEXT_WINDOW,
             PHRASE_SHARE,
+            WORD_READS,
         )
     return [MemoryHit(**dict(row)) for row in rows]
 
