@@ -14,6 +14,13 @@ memories for the same questions in the same run. Searching is done once per
 ENGRAM_SEARCH mode (`--search vector hybrid`), each by an Engram started with
 it on the same database; the targets are checked on Engram's default mode.
 
+With `--one-user`, every conversation is captured into one user instead, one
+conversation after the other (2,760 memories for the five of locomo_dev.json):
+a user past proxy.db.memories.WORD_READS, whose search reads the memories of
+its rarest query words only. A question's evidence is still its own
+conversation's turns (another conversation's memories are never relevant), and
+BM25 ranks all the user's memories.
+
 Capture merges an exact repeat (same normalised text) or a near duplicate
 (cosine ≥ the user's dedup_threshold, 0.9 by default) into one memory whose
 metadata keeps only the last dia_id. The benchmark users' dedup_threshold is
@@ -132,15 +139,16 @@ class Scored:
 
 
 async def create_users(
-    engram: harness.Engram, database_url: str, conversations: list[Conversation]
+    engram: harness.Engram, database_url: str, conversations: list[Conversation], one_user: bool
 ) -> list[str]:
-    """A fresh user per conversation, every turn its own memory: their API keys."""
+    """A fresh user per conversation (or one for all), every turn its own memory: the
+    API key of each conversation's user."""
     run = uuid.uuid4().hex[:8]
     keys = []
     connection = await asyncpg.connect(database_url)
     try:
         async with httpx.AsyncClient(timeout=60.0) as client:
-            for conversation in conversations:
+            for conversation in conversations[:1] if one_user else conversations:
                 email = f"locomo-{conversation.sample_id}-{run}@example.com"
                 user_id, api_key = await engram.create_user(client, email)
                 # Before the key's first use: its user's settings are cached with it.
@@ -150,20 +158,24 @@ async def create_users(
                 keys.append(api_key)
     finally:
         await connection.close()
-    return keys
+    return keys * len(conversations) if one_user else keys
 
 
 async def capture_all(
-    engram: harness.Engram, keys: list[str], conversations: list[Conversation]
+    engram: harness.Engram, keys: list[str], conversations: list[Conversation], one_user: bool
 ) -> tuple[list[Memories], dict[str, Any]]:
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=60.0) as client:
-        captured = await asyncio.gather(
-            *(
-                capture_conversation(client, engram.url, key, c)
-                for key, c in zip(keys, conversations, strict=True)
-            )
+        captures = (
+            capture_conversation(client, engram.url, key, c)
+            for key, c in zip(keys, conversations, strict=True)
         )
+        if one_user:
+            # One after another, as a user's history grows: interleaved, the turns
+            # of two conversations would be each other's neighbours in capture order.
+            captured = [await capture for capture in captures]
+        else:
+            captured = await asyncio.gather(*captures)
     seconds = time.perf_counter() - started
     turns = sum(len(c.turns) for c in conversations)
     timing = {
@@ -203,11 +215,13 @@ def score_all(
     conversations: list[Conversation],
     memories: list[Memories],
     searched: dict[str, list[list[list[str]]]],
+    one_user: bool,
 ) -> list[Scored]:
     """Each question scored for every Engram search mode, BM25, and the offline fusion."""
     scored = []
+    merged = {id_: text for memory in memories for id_, text in memory.content.items()}
     for index, (conversation, memory) in enumerate(zip(conversations, memories, strict=True)):
-        bm25 = BM25(memory.content)
+        bm25 = BM25(merged if one_user else memory.content)
         for number, question in enumerate(conversation.questions):
             if not question.evidence:
                 continue
@@ -343,8 +357,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async with harness.embedded_database(root) as database_url:
             settings = dict(args.engram_setting)
             with harness.engram_server(root, database_url, nowhere, **settings) as engram:
-                keys = await create_users(engram, database_url, conversations)
-                memories, captured = await capture_all(engram, keys, conversations)
+                keys = await create_users(engram, database_url, conversations, args.one_user)
+                memories, captured = await capture_all(engram, keys, conversations, args.one_user)
             timing.update(captured)
             for mode in args.search:
                 # One Engram per mode (ENGRAM_SEARCH is read at start-up), same database.
@@ -361,7 +375,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     timing["questions_without_evidence"] = sum(
         1 for c in conversations for q in c.questions if not q.evidence
     )
-    results = breakdown(score_all(conversations, memories, searched))
+    results = breakdown(score_all(conversations, memories, searched, args.one_user))
     print_results(results, timing)
     mode = default_mode() if default_mode() in args.search else args.search[0]
     checks = verdicts(results, mode)
@@ -378,6 +392,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "modes": args.search,
                 "engram_default_mode": default_mode(),
             },
+            "users": "one for all conversations" if args.one_user else "one per conversation",
             "dedup_threshold": 1.0,
             "engram_settings": dict(args.engram_setting),
             "memory_text": 'speaker said, "text" [and shared <blip caption>]',
@@ -399,6 +414,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--locomo", type=Path, default=DEFAULT_LOCOMO)
     parser.add_argument("--conversations", type=int, default=0, help="only the first N")
     parser.add_argument("--workers", type=int, default=4, help="concurrent searches")
+    parser.add_argument(
+        "--one-user",
+        action="store_true",
+        help="capture every conversation into one user, one after another (a big user)",
+    )
     parser.add_argument(
         "--search",
         nargs="+",
