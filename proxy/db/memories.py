@@ -150,8 +150,10 @@ worded AS (
     WHERE EXISTS (SELECT FROM terms WHERE word NOT IN (SELECT word FROM searched))
       AND semantic.id NOT IN (SELECT id FROM hits)
 ),
+-- In float8: in numeric, summing the weights of 1,000 hits took a fifth of the
+-- query (the same ranking on 1,388 queries).
 rarity AS MATERIALIZED (
-    SELECT word, query, ln(1 + (total.n - holders + 0.5) / (holders + 0.5)) AS idf
+    SELECT word, query, ln(1 + (total.n - holders + 0.5::float8) / (holders + 0.5::float8)) AS idf
     FROM terms CROSS JOIN total
 ),
 phrase_weights AS MATERIALIZED (
