@@ -149,21 +149,20 @@ CREATE TABLE IF NOT EXISTS memory_word_counts (
 CREATE OR REPLACE FUNCTION shift_memory_word_counts(owners uuid[], words tsvector[], deltas integer[])
     RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
+    -- A deleted user's memories leave with it, and so do its counts. Looked up
+    -- once: tested per word, or joined, it cost a capture 0.1-0.2 ms more.
+    alive uuid[] := ARRAY(SELECT id FROM users WHERE id = ANY (owners));
     gone_owners uuid[];
     gone_words text[];
 BEGIN
-    WITH shifts AS (
-        SELECT owner, word, sum(delta)::integer AS delta
+    WITH shifted AS (
+        INSERT INTO memory_word_counts AS counts (user_id, word, holders)
+        SELECT owner, word, sum(delta)::integer
         FROM unnest(owners, words, deltas) AS changed(owner, words, delta),
              unnest(array_append(tsvector_to_array(changed.words), '')) AS word
+        WHERE changed.owner = ANY (alive)
         GROUP BY owner, word
         HAVING sum(delta) <> 0
-    ),
-    shifted AS (
-        INSERT INTO memory_word_counts AS counts (user_id, word, holders)
-        SELECT owner, word, delta FROM shifts
-        -- A deleted user's memories leave with it, and so do its counts.
-        WHERE EXISTS (SELECT FROM users WHERE users.id = shifts.owner)
         -- One lock order for every writer, so two of them cannot deadlock.
         ORDER BY owner, word
         ON CONFLICT (user_id, word) DO UPDATE SET holders = counts.holders + excluded.holders
