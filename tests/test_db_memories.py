@@ -194,7 +194,7 @@ async def lone_user_database(database_url: str) -> AsyncIterator[tuple[str, uuid
         yield url, user_id
 
 
-async def test_hybrid_search_settles_on_a_generic_plan(
+async def test_searches_settle_on_a_generic_plan(
     wordy_database: tuple[str, uuid.UUID],
 ) -> None:
     """Planning the hybrid statement costs more than running it (1.4 ms against 0.5 at
@@ -205,7 +205,7 @@ async def test_hybrid_search_settles_on_a_generic_plan(
     await _assert_settles_on_a_generic_plan(*wordy_database)
 
 
-async def test_hybrid_search_settles_on_a_generic_plan_for_a_lone_user(
+async def test_searches_settle_on_a_generic_plan_for_a_lone_user(
     lone_user_database: tuple[str, uuid.UUID],
 ) -> None:
     await _assert_settles_on_a_generic_plan(*lone_user_database)
@@ -217,14 +217,17 @@ async def _assert_settles_on_a_generic_plan(url: str, user_id: uuid.UUID) -> Non
     try:
         for text in ["a zebra, then?", "which synthetic memory?"] * 6:
             await memory_sql.search(pool, user_id, query, 5, 0.0, text)
-        plans = await pool.fetchrow(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = $1",
-            memory_sql._HYBRID_SEARCH,
+            await memory_sql.search(pool, user_id, query, 5, 0.0)  # vector only
+        plans = await pool.fetch(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+            " WHERE statement = ANY ($1::text[])",
+            [memory_sql._HYBRID_SEARCH, memory_sql._SEARCH],
         )
     finally:
         await pool.close()
-    assert plans is not None
-    assert plans["custom_plans"] <= 5 < plans["custom_plans"] + plans["generic_plans"]
+    assert len(plans) == 2
+    for kinds in plans:
+        assert kinds["custom_plans"] <= 5 < kinds["custom_plans"] + kinds["generic_plans"]
 
 
 async def _explained_hybrid_search(

@@ -49,7 +49,10 @@ class CaptureResult:
 # of the operator, so no plan could turn this into a filtered graph walk, which
 # at a million rows returned a big user's nearest rows only about half the time
 # (scripts/BENCHMARKS.md section 3). The threshold is applied outside so only
-# the top `limit` rows are looked up in the table.
+# the top `limit` rows are looked up in the table. The limit is read through a
+# subquery so that no plan is made for its value: for a user owning the whole
+# table, plans made for it looked cheaper than the generic one, and PostgreSQL
+# planned every call again (600 custom plans of 600).
 _SEARCH = """
 SELECT m.id, m.content, 1 - nearest.distance AS score, m.metadata, m.occurred_at, m.created_at
 FROM (
@@ -57,7 +60,7 @@ FROM (
     FROM memories
     WHERE user_id = $1 AND superseded_by IS NULL
     ORDER BY distance
-    LIMIT $3
+    LIMIT (SELECT $3::int)
 ) nearest
 JOIN memories m ON m.id = nearest.id AND m.user_id = $1
 WHERE 1 - nearest.distance >= $4
