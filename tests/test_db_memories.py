@@ -534,3 +534,28 @@ async def test_word_counts_are_made_for_the_memories_of_an_older_database(
             )
         finally:
             await pool.close()
+
+
+async def test_a_memory_of_a_few_sentences_is_kept_whole_in_its_row(
+    pool: Pool, users: list[uuid.UUID]
+) -> None:
+    """Its embedding and its words stay in the row, not in TOAST: a search reading
+    the table would otherwise fetch them one by one from there."""
+    owner, _ = users
+    text = " ".join(f"The user went hiking near lake number {n} last summer." for n in range(12))
+    await store(pool, owner, [(text, unit(1))])
+    row = await pool.fetchrow(
+        """
+        SELECT pg_column_size(memories.*) AS size,
+               pg_column_toast_chunk_id(embedding) AS embedding_chunk,
+               pg_column_toast_chunk_id(content_tsv) AS words_chunk,
+               pg_column_compression(content_tsv) AS words_compression
+        FROM memories WHERE user_id = $1
+        """,
+        owner,
+    )
+    assert row is not None
+    assert row["size"] > 2100  # past PostgreSQL's default 2 KB
+    assert row["embedding_chunk"] is None
+    assert row["words_chunk"] is None
+    assert row["words_compression"] is None
