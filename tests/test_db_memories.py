@@ -142,56 +142,50 @@ async def test_every_plan_of_the_search_reads_the_users_vectors_by_index_only(
     ]
 
 
-@pytest.fixture(scope="module")
-async def wordy_database(database_url: str) -> AsyncIterator[tuple[str, uuid.UUID]]:
-    """50,000 memories of 500 users, each memory with words of its own; and one user's id."""
+async def _synthetic_database(
+    database_url: str, users: int, memories_each: int
+) -> AsyncIterator[tuple[str, uuid.UUID]]:
+    """A scratch database of `users` users owning `memories_each` memories apiece,
+    "synthetic memory <n> of <user>"; its URL and the first user's id."""
     async with scratch_database(database_url) as url:
         connection = await asyncpg.connect(url)
         try:
-            users = await connection.fetch(
+            owners = await connection.fetch(
                 """
                 INSERT INTO users (email)
-                SELECT 'wordy-' || n || '@example.com' FROM generate_series(1, 500) n
+                SELECT 'synthetic-' || n || '@example.com' FROM generate_series(1, $1) n
                 RETURNING id
-                """
+                """,
+                users,
             )
             await connection.execute(
                 """
                 INSERT INTO memories (user_id, content, content_hash, embedding)
                 SELECT owner, 'synthetic memory ' || n || ' of ' || owner, md5(owner::text || n),
                        array_fill((n % 7 + 1)::real, ARRAY[384])::vector
-                FROM unnest($1::uuid[]) owner, generate_series(1, 100) n
+                FROM unnest($1::uuid[]) owner, generate_series(1, $2) n
                 """,
-                [row["id"] for row in users],
+                [row["id"] for row in owners],
+                memories_each,
             )
             await connection.execute("VACUUM (ANALYZE) memories")
         finally:
             await connection.close()
-        yield url, users[0]["id"]
+        yield url, owners[0]["id"]
+
+
+@pytest.fixture(scope="module")
+async def wordy_database(database_url: str) -> AsyncIterator[tuple[str, uuid.UUID]]:
+    """50,000 memories of 500 users, each memory with words of its own; and one user's id."""
+    async for database in _synthetic_database(database_url, 500, 100):
+        yield database
 
 
 @pytest.fixture(scope="module")
 async def lone_user_database(database_url: str) -> AsyncIterator[tuple[str, uuid.UUID]]:
     """A laptop's database: one user owning all of its 1,000 memories; and the user's id."""
-    async with scratch_database(database_url) as url:
-        connection = await asyncpg.connect(url)
-        try:
-            user_id = await connection.fetchval(
-                "INSERT INTO users (email) VALUES ('lone@example.com') RETURNING id"
-            )
-            await connection.execute(
-                """
-                INSERT INTO memories (user_id, content, content_hash, embedding)
-                SELECT $1, 'synthetic memory ' || n, md5(n::text),
-                       array_fill((n % 7 + 1)::real, ARRAY[384])::vector
-                FROM generate_series(1, 1000) n
-                """,
-                user_id,
-            )
-            await connection.execute("VACUUM (ANALYZE) memories")
-        finally:
-            await connection.close()
-        yield url, user_id
+    async for database in _synthetic_database(database_url, 1, 1000):
+        yield database
 
 
 async def test_searches_settle_on_a_generic_plan(
