@@ -75,8 +75,9 @@ EXACT = "exact (from the table)"
 # fused order is the vector order, which the exact answer checks.
 HYBRID_TEXT = "what do you remember about this?"
 # The worst case of the word half: every memory holds both words ("synthetic
-# memory N of <user>"), so every row of the user is read for its words. Word
-# matches reorder what the vectors found, so no recall is reported for it.
+# memory N of <user>"), so every row of a user of up to WORD_READS memories is
+# read for its words (a bigger user's, none). Word matches reorder what the
+# vectors found, so no recall is reported for it.
 COMMON_TEXT = "which synthetic memory was it?"
 # The reference, independent of Engram's SQL and of memories_user_vectors: on
 # exact_connection it can only rank every active row of the user, read from the
