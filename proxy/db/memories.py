@@ -252,7 +252,11 @@ PHRASE_SHARE = 0.5
 CONTEXT_SHARE = 0.5
 CONTEXT_WINDOW = timedelta(minutes=10)
 # The most memories the word half reads for a user who has more: see `searched`.
-WORD_READS = 1000
+# LoCoMo recall@10 0.758 / 0.759 at 1,000 / 500 (0.728 / 0.727 with every
+# conversation in one user); at 1M memories, a query whose words every memory
+# holds took 6.1 ms p50 for a 1,000-memory user at 1,000 and 1.4 ms at 500
+# (scripts/BENCHMARKS.md, experiments).
+WORD_READS = 500
 
 
 async def search(
