@@ -64,13 +64,17 @@ async def test_search_returns_the_true_nearest_rows_through_custom_and_generic_p
     user_id, (vectors, order) = big_user
     queries = np.random.default_rng(6).standard_normal((8, 384)).astype(np.float32)
     # Past the fifth execution of the prepared statement PostgreSQL may switch to
-    # its generic plan: both kinds must rank every row of the user.
+    # its generic plan: both kinds must rank every row of the user, by its full
+    # vector (by its half-precision copy, the last two of the sixth query swap places).
     for query in queries:
         query /= np.linalg.norm(query)
         nearest = np.argsort(-(vectors @ query))[:LIMIT]
         expected = [order[n] for n in nearest]
         hits = await memory_sql.search(pool, user_id, query, LIMIT, 0.0)
         assert [hit.id for hit in hits] == expected
+        # The full vectors' cosines: the half-precision copies differ by ~1e-5.
+        exact = [float(vectors[n] @ query) for n in nearest]
+        assert [hit.score for hit in hits] == pytest.approx(exact, abs=1e-6)
         hybrid = await memory_sql.search(pool, user_id, query, LIMIT, 0.0, "zzyzx")
         assert [hit.id for hit in hybrid] == expected  # no word matches: the vector order
 
@@ -134,10 +138,12 @@ async def test_every_plan_of_the_search_reads_the_users_vectors_by_index_only(
         await pool.close()
     scans = [row[0].strip().removeprefix("->  ").split("  (")[0] for row in rows]
     scans = [scan for scan in scans if " on memories" in scan]
-    # The user's vectors from the covering index, not the table; then only the
-    # LIMIT nearest rows looked up by primary key.
+    # The user's half-precision vectors from the covering index, not the table;
+    # then only the nearest few rows looked up by primary key, for their full
+    # vectors, and the LIMIT nearest of those for their content.
     assert scans == [
-        "Index Only Scan using memories_user_vectors on memories",
+        "Index Only Scan using memories_user_half_vectors on memories",
+        "Index Scan using memories_pkey on memories m_1",
         "Index Scan using memories_pkey on memories m",
     ]
 

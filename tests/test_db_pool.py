@@ -92,7 +92,7 @@ async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(
     )
     await apply_schema(url)
     names = {row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")}
-    assert "memories_user_vectors" in names
+    assert "memories_user_half_vectors" in names
     assert not any("hnsw" in name for name in names), names
 
 
@@ -117,6 +117,30 @@ async def test_the_schema_moves_earlier_versions_to_per_user_word_keys(
     assert "memories_user_words" in indexes
     assert "memories_content_tsv" not in indexes
     assert sorted(keys) == [f"{user_id} bee", f"{user_id} keep", f"{user_id} user"]
+
+
+async def test_the_schema_gives_the_memories_of_earlier_versions_half_precision_vectors(
+    scratch: tuple[str, asyncpg.Connection],
+) -> None:
+    url, connection = scratch
+    # What schema.sql created before vector search scanned half-precision copies.
+    await as_an_earlier_version_left_it(
+        connection,
+        "DROP INDEX memories_user_half_vectors; ALTER TABLE memories DROP COLUMN embedding_half;"
+        "CREATE INDEX memories_user_vectors ON memories (user_id) INCLUDE (id, embedding) "
+        "WHERE superseded_by IS NULL",
+    )
+    user_id = await a_user_with_one_memory(connection, "The user keeps bees.")
+    await apply_schema(url)
+    indexes = {
+        row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")
+    }
+    half = await connection.fetchval(
+        "SELECT embedding_half::real[] FROM memories WHERE user_id = $1", user_id
+    )
+    assert "memories_user_half_vectors" in indexes
+    assert "memories_user_vectors" not in indexes
+    assert half == [pytest.approx(0.1, abs=1e-4)] * 384  # 0.0999756 in half precision
 
 
 async def test_the_word_index_keeps_no_pending_list(

@@ -42,30 +42,59 @@ class CaptureResult:
 
 
 # Per-user vector search is exact on purpose: the user's rows come from the
-# covering index `memories_user_vectors` (one index-only range scan, no heap
-# page per row) and are ranked by their true distance. The distance is spelled
-# as the function `cosine_distance`, not the operator `<=>`: a vector index
-# (schema.sql has none since it dropped the HNSW one) can only serve an ORDER BY
-# of the operator, so no plan could turn this into a filtered graph walk, which
-# at a million rows returned a big user's nearest rows only about half the time
-# (scripts/BENCHMARKS.md section 3). The threshold is applied outside so only
-# the top `limit` rows are looked up in the table. The limit is read through a
-# subquery so that no plan is made for its value: for a user owning the whole
-# table, plans made for it looked cheaper than the generic one, and PostgreSQL
-# planned every call again (600 custom plans of 600).
-_SEARCH = """
+# covering index `memories_user_half_vectors` (one index-only range scan, no
+# heap page per row) and are ranked by their true distance. The distance is
+# spelled as the function `cosine_distance`, not the operator `<=>`: a vector
+# index (schema.sql has none since it dropped the HNSW one) can only serve an
+# ORDER BY of the operator, so no plan could turn this into a filtered graph
+# walk, which at a million rows returned a big user's nearest rows only about
+# half the time (scripts/BENCHMARKS.md section 3).
+#
+# The scan reads each vector's half-precision copy (half the bytes), and the
+# nearest `count + HALF_PRECISION_MARGIN` by it are ranked again by their
+# embeddings, so order and scores are those of the full vectors. Half precision
+# moves a distance by about 1e-4: only memories that close to the last one
+# kept could trade places, and the margin takes them in. The query vector is
+# made half once, in a subquery; cast in the ORDER BY, it was cast again for
+# every row (a quarter of the scan). It is typed vector before it is made half:
+# a parameter takes the type of the first cast PostgreSQL reads, and as halfvec
+# every distance in the statement would have been a half-precision one.
+#
+# Counts are read through subqueries so that no plan is made for their value:
+# for a user owning the whole table, plans made for them looked cheaper than
+# the generic one, and PostgreSQL planned every call again (600 custom plans of
+# 600).
+HALF_PRECISION_MARGIN = 10
+
+
+def _nearest(count: str, also: str = "") -> str:
+    """SQL rows (id, distance): the user $1's active memories nearest the vector
+    $2, `count` of them (SQL) and HALF_PRECISION_MARGIN more, `also` (SQL) true."""
+    # Composed of this module's constants only, never of a value from a request.
+    return f"""
+    SELECT m.id, cosine_distance(m.embedding, $2) AS distance
+    FROM (
+        SELECT id FROM memories
+        WHERE user_id = $1 AND superseded_by IS NULL{also}
+        ORDER BY cosine_distance(embedding_half, (SELECT $2::vector::halfvec(384)))
+        LIMIT (SELECT {count} + {HALF_PRECISION_MARGIN})
+    ) near
+    JOIN memories m ON m.id = near.id AND m.user_id = $1
+"""  # noqa: S608
+
+
+# The threshold is applied outside, after the ranking.
+_SEARCH = f"""
 SELECT m.id, m.content, 1 - nearest.distance AS score, m.metadata, m.occurred_at, m.created_at
 FROM (
-    SELECT id, cosine_distance(embedding, $2) AS distance
-    FROM memories
-    WHERE user_id = $1 AND superseded_by IS NULL
-    ORDER BY distance
+    SELECT id, distance FROM ({_nearest("$3::int")}) near
+    ORDER BY distance, id
     LIMIT (SELECT $3::int)
 ) nearest
 JOIN memories m ON m.id = nearest.id AND m.user_id = $1
 WHERE 1 - nearest.distance >= $4
-ORDER BY nearest.distance
-"""
+ORDER BY nearest.distance, m.id
+"""  # noqa: S608
 
 
 # Hybrid: the user's nearest memories by vector and their best matches by words
@@ -86,19 +115,15 @@ ORDER BY nearest.distance
 # conversation captured turn by turn, the turn that holds the answer ("five
 # years already!") often shares no word with the question; the turn it answers
 # does, and often with the other speaker's reply between them.
-_HYBRID_SEARCH = """
+_HYBRID_SEARCH = f"""
 -- The candidate count $5 is read through a subquery, as the query's words are
 -- (see hits), so that no plan is made for its value: one made for it looked
 -- cheaper than the generic plan, for a user owning the whole table.
 -- Materialized: read twice, for the candidates and for their scores.
 WITH semantic AS MATERIALIZED (
-    SELECT id, distance FROM (
-        SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
-        FROM memories
-        WHERE user_id = $1 AND superseded_by IS NULL
-        ORDER BY distance
-        LIMIT (SELECT $5::int)
-    ) nearest
+    SELECT id, distance FROM ({_nearest("$5::int")}) near  -- exact: see _SEARCH
+    ORDER BY distance, id
+    LIMIT (SELECT $5::int)
 ),
 -- The query's words, each with a query that matches exactly that word and with
 -- the number of the user's active memories that hold it.
@@ -235,7 +260,7 @@ best AS (
 SELECT m.id, m.content, best.score, m.metadata, m.occurred_at, m.created_at
 FROM best JOIN memories m ON m.id = best.id AND m.user_id = $1
 ORDER BY best.score + $7 * best.coverage DESC, m.id
-"""
+"""  # noqa: S608
 
 # Candidates each half brings to the fusion, at least.
 _MIN_CANDIDATES = 30
@@ -294,17 +319,15 @@ async def search(
 
 # The nearest active memory of this user, leaving out `exclude` (a memory the
 # new one replaces must not swallow it as a duplicate).
-_NEAREST = """
+_NEAREST = f"""
 SELECT m.id, m.content, m.confidence, 1 - nearest.distance AS score
 FROM (
-    SELECT id, cosine_distance(embedding, $2) AS distance  -- exact: see _SEARCH
-    FROM memories
-    WHERE user_id = $1 AND superseded_by IS NULL AND id <> ALL($3::uuid[])
-    ORDER BY distance
+    SELECT id, distance FROM ({_nearest("1", also=" AND id <> ALL($3::uuid[])")}) near
+    ORDER BY distance, id
     LIMIT 1
 ) nearest
 JOIN memories m ON m.id = nearest.id AND m.user_id = $1
-"""
+"""  # noqa: S608
 
 
 async def capture(

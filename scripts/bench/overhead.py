@@ -84,7 +84,7 @@ async def memories_table(database_url: str) -> dict[str, Any]:
             """
             SELECT s.n_live_tup, s.n_dead_tup, s.n_tup_upd, s.n_tup_hot_upd,
                    s.autovacuum_count, s.vacuum_count,
-                   pg_relation_size('memories_user_vectors') AS user_vectors_bytes,
+                   pg_relation_size('memories_user_half_vectors') AS user_vectors_bytes,
                    pg_relation_size('memories') AS heap_bytes
             FROM pg_stat_user_tables s WHERE s.relname = 'memories'
             """
