@@ -54,21 +54,28 @@ class _ResendOnClosedConnection(httpx.AsyncBaseTransport):
     aiohttp says only that the server disconnected. Engram answered 502. (A
     provider that crashed while working on a request disconnects too: it gets the
     request once more, as from the OpenAI SDK, which retries such errors.)
+
+    The second attempt goes through `fresh`, whose connections are never kept:
+    the pool's other idle connections were opened by the same burst of calls,
+    and their timers end together (sent again through the pool, a call met a
+    second closed connection and got 502 after all).
     """
 
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
+    def __init__(self, pooled: httpx.AsyncBaseTransport, fresh: httpx.AsyncBaseTransport) -> None:
+        self.pooled = pooled
+        self.fresh = fresh
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         try:
-            return await self.inner.handle_async_request(request)
+            return await self.pooled.handle_async_request(request)
         except httpx.TransportError as error:
             if not isinstance(error.__cause__, aiohttp.ServerDisconnectedError):
                 raise
-        return await self.inner.handle_async_request(request)
+        return await self.fresh.handle_async_request(request)
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        await self.pooled.aclose()
+        await self.fresh.aclose()
 
 
 def upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -81,10 +88,15 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     # certifi's authorities, or SSL_CERT_FILE / SSL_CERT_DIR's (a private CA).
     ssl_context = httpx.create_ssl_context()
 
-    def session() -> aiohttp.ClientSession:  # made on first use, inside the event loop
-        connector = aiohttp.TCPConnector(
-            limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS, ssl=ssl_context
-        )
+    def session(keep_connections: bool) -> aiohttp.ClientSession:
+        if keep_connections:
+            connector = aiohttp.TCPConnector(
+                limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS, ssl=ssl_context
+            )
+        else:
+            connector = aiohttp.TCPConnector(
+                limit=MAX_CONNECTIONS, force_close=True, ssl=ssl_context
+            )
         return aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
@@ -93,9 +105,12 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
             trust_env=settings.egress_proxy,
         )
 
+    # Sessions are made on first use, inside the event loop.
+    pooled = AiohttpTransport(client=lambda: session(keep_connections=True))
+    fresh = AiohttpTransport(client=lambda: session(keep_connections=False))
     return httpx.AsyncClient(
         timeout=timeout,
-        transport=_ResendOnClosedConnection(AiohttpTransport(client=session)),
+        transport=_ResendOnClosedConnection(pooled, fresh),
         follow_redirects=False,
         cookies=no_cookies(),
     )

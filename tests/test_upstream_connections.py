@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import socketserver
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -59,6 +62,12 @@ class _ClosesKeptConnections(socketserver.StreamRequestHandler):
             )
             body = self.rfile.read(length)
             if answered:
+                if self.server.resets:  # type: ignore[attr-defined]
+                    # Closed with unread data: the kernel answers with a reset,
+                    # which Engram reads as "connection reset by peer".
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
                 return  # closed with the request unread by any application
             served.append(1)
             streamed = json.loads(body).get("stream")
@@ -73,12 +82,14 @@ class _ClosesKeptConnections(socketserver.StreamRequestHandler):
             self.wfile.flush()
 
 
-@pytest.fixture
-def closing_upstream() -> Iterator[tuple[str, list[int]]]:
-    """Its base URL, and a list that grows by one per answered request."""
+@pytest.fixture(params=["closes", "resets"])
+def closing_upstream(request: pytest.FixtureRequest) -> Iterator[tuple[str, list[int]]]:
+    """Its base URL, and a list that grows by one per answered request; it closes
+    the connections it drops, or resets them."""
     server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _ClosesKeptConnections)
     server.daemon_threads = True
     server.served = []  # type: ignore[attr-defined]
+    server.resets = request.param == "resets"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -110,4 +121,33 @@ def test_a_request_on_a_connection_the_provider_closed_goes_out_again(
                 )
                 answers.append("".join(chunk.choices[0].delta.content or "" for chunk in streamed))
     assert answers == ["Hi."] * 6
+    assert len(served) == 6
+
+
+def test_a_request_goes_out_again_on_a_new_connection_when_every_kept_one_was_closed(
+    closing_upstream: tuple[str, list[int]],
+    start_engram: Callable[..., AbstractContextManager[Engram]],
+) -> None:
+    url, served = closing_upstream
+    with start_engram(openai_base_url=url, extraction="off") as engram:
+        user = engram.create_user()
+
+        async def ask(count: int) -> list[str | None]:
+            async with engram.async_client(user) as client:  # no retries of its own
+                answers = await asyncio.gather(
+                    *(
+                        client.chat.completions.create(
+                            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi?"}]
+                        )
+                        for _ in range(count)
+                    )
+                )
+            return [answer.choices[0].message.content for answer in answers]
+
+        # Four calls at once leave Engram four kept connections, which the
+        # provider then closes together (its keep-alive timer, started together):
+        # a call sent again on another kept connection would meet a closed one.
+        together = asyncio.run(ask(4))
+        after = [asyncio.run(ask(1))[0] for _ in range(2)]
+    assert together + after == ["Hi."] * 6
     assert len(served) == 6

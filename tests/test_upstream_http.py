@@ -24,7 +24,7 @@ async def test_concurrent_calls_all_succeed_over_reused_connections(
         for _ in range(3):
             answers = await asyncio.gather(*(client.get(url) for _ in range(64)))
             assert [answer.status_code for answer in answers] == [200] * 64
-        connector = client._transport.inner.client.connector  # type: ignore[attr-defined]
+        connector = client._transport.pooled.client.connector  # type: ignore[attr-defined]
         # Kept alive and reused: at most one connection per call in flight, not per call.
         assert 1 <= sum(len(idle) for idle in connector._conns.values()) <= 64
 
