@@ -77,8 +77,9 @@ CREATE TABLE IF NOT EXISTS memories (
 );
 -- Per-user search is exact, from memories_user_half_vectors (scripts/BENCHMARKS.md section 3).
 DROP INDEX IF EXISTS memories_embedding_hnsw;
--- A user's active rows by key alone, a hundredth the size of memories_user_half_vectors:
--- hybrid search counts them (once per matching row, as PostgreSQL plans it).
+-- A user's active rows by key alone, a hundredth the size of memories_user_half_vectors,
+-- for plans that need only which rows they are. (Hybrid search counted them here
+-- until it took the count from memory_word_counts.)
 CREATE INDEX IF NOT EXISTS memories_active_user
     ON memories (user_id) WHERE superseded_by IS NULL;
 -- Each embedding again in half precision (2 bytes a number, not 4): per-user

@@ -68,6 +68,10 @@ async def as_an_earlier_version_left_it(connection: asyncpg.Connection, sql: str
     await connection.execute("DELETE FROM engram_meta WHERE key = 'schema_sha256'")
 
 
+async def index_names(connection: asyncpg.Connection) -> set[str]:
+    return {row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")}
+
+
 async def a_user_with_one_memory(connection: asyncpg.Connection, content: str) -> uuid.UUID:
     user_id: uuid.UUID = await connection.fetchval(
         "INSERT INTO users (email) VALUES ($1) RETURNING id", f"{uuid.uuid4().hex}@example.com"
@@ -91,7 +95,7 @@ async def test_the_schema_drops_the_hnsw_index_of_earlier_versions(
         "CREATE INDEX memories_embedding_hnsw ON memories USING hnsw (embedding vector_cosine_ops)",
     )
     await apply_schema(url)
-    names = {row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")}
+    names = await index_names(connection)
     assert "memories_user_half_vectors" in names
     assert not any("hnsw" in name for name in names), names
 
@@ -108,9 +112,7 @@ async def test_the_schema_moves_earlier_versions_to_per_user_word_keys(
     )
     user_id = await a_user_with_one_memory(connection, "The user keeps bees.")
     await apply_schema(url)
-    indexes = {
-        row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")
-    }
+    indexes = await index_names(connection)
     keys = await connection.fetchval(
         "SELECT memory_words(user_id, content_tsv) FROM memories WHERE user_id = $1", user_id
     )
@@ -132,9 +134,7 @@ async def test_the_schema_gives_the_memories_of_earlier_versions_half_precision_
     )
     user_id = await a_user_with_one_memory(connection, "The user keeps bees.")
     await apply_schema(url)
-    indexes = {
-        row["indexname"] for row in await connection.fetch("SELECT indexname FROM pg_indexes")
-    }
+    indexes = await index_names(connection)
     half = await connection.fetchval(
         "SELECT embedding_half::real[] FROM memories WHERE user_id = $1", user_id
     )

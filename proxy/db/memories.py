@@ -78,8 +78,8 @@ def _nearest(count: str, also: str = "") -> str:
         WHERE user_id = $1 AND superseded_by IS NULL{also}
         ORDER BY cosine_distance(embedding_half, (SELECT $2::vector::halfvec(384)))
         LIMIT (SELECT {count} + {HALF_PRECISION_MARGIN})
-    ) near
-    JOIN memories m ON m.id = near.id AND m.user_id = $1
+    ) by_half
+    JOIN memories m ON m.id = by_half.id AND m.user_id = $1
 """  # noqa: S608
 
 
