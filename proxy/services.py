@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import uuid
@@ -125,9 +126,23 @@ async def open_services(settings: Settings) -> AsyncIterator[Services]:
         stack.push_async_callback(_cancel, asyncio.create_task(svc.health.run_probe()))
         if svc.vault is not None:
             stack.push_async_callback(_start_worker(svc), settings.shutdown_grace)
+        stack.callback(gc.unfreeze)
+        _freeze_start_up_objects()
         log.info("engram_ready", url=f"http://{settings.host}:{settings.port}",
                  worker=settings.worker, extraction=settings.extraction)  # fmt: skip
         yield svc
+
+
+def _freeze_start_up_objects() -> None:
+    """Keep what start-up made, which lives as long as the process, out of full collections.
+
+    Imports, the model's session and the clients leave ~150,000 objects that
+    every full collection walked again: 45-55 ms with the event loop stopped,
+    every 15 s or so under load, and each one held up every call in flight.
+    Garbage made by start-up is collected first, so nothing frozen is garbage.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _assemble(
