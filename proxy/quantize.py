@@ -20,6 +20,9 @@ each product becomes
 instead of DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul, which
 onnxruntime would fuse into a kernel that reads the activation scale as one
 number (and so silently gives wrong vectors if it is not).
+
+The same rewrite writes each GELU as one `Gelu` node: the export spells it out
+in an order onnxruntime does not fuse (gelu_as_one_node).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 _ZERO_POINT = 128
 # Recorded in the model folder's manifest: a folder quantized another way (one
 # scale per call, before this module) is made again rather than used.
-RECIPE = "int8 weights per output channel, int8 activations per token"
+RECIPE = "int8 weights per output channel, int8 activations per token, GELU as one node"
 _LEVELS = 127.0
 
 
@@ -67,6 +70,7 @@ def quantize_for_int8(model: Path) -> None:
         folded.unlink()
     graph = onnx.load(str(model))
     scale_per_token(graph)
+    gelu_as_one_node(graph)
     onnx.save(graph, str(model))
 
 
@@ -169,3 +173,74 @@ def scale_per_token(model: Any) -> None:
     kept = [node for node in final if id(node) not in replaced]
     del graph.node[:]
     graph.node.extend(kept)
+
+
+_SQRT_2 = 2**0.5
+
+
+def gelu_as_one_node(model: Any) -> None:
+    """Replace each GELU that the export spells out, x * (0.5 * (1 + erf(x / √2))), by one node.
+
+    onnxruntime fuses that formula only in the orders its GeluFusion knows, and
+    this export's is not one of them, so each feed-forward layer made five
+    passes over its activations where onnxruntime's `Gelu` makes one: 448
+    against 202 µs for a call of 8 texts of 20 tokens, the same values to 2.4e-7.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    producer = {output: node for node in graph.node for output in node.output}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def beside(node: Any, op_type: str, value: float) -> str | None:
+        """The input of `node` (an `op_type`) beside a scalar constant `value`, if it has one."""
+        if node is None or node.op_type != op_type or len(node.input) != 2:
+            return None
+        for constant, other in (node.input, reversed(node.input)):
+            found = constants.get(constant)
+            if found is not None and found.size == 1 and abs(float(found) - value) < 1e-6:
+                return str(other)
+        return None
+
+    def only_consumer(node: Any) -> Any:
+        following = consumers.get(node.output[0], []) if node is not None else []
+        return following[0] if len(following) == 1 else None
+
+    def gelu_around(erf: Any) -> tuple[str, list[Any]]:
+        """The input of the GELU around `erf`, and its five nodes, the last one last."""
+        divide = producer.get(erf.input[0])
+        plus_one = only_consumer(erf)
+        half = only_consumer(plus_one)
+        times_root = only_consumer(half)
+        root = beside(divide, "Div", _SQRT_2)
+        if (
+            root is None
+            or beside(plus_one, "Add", 1.0) != erf.output[0]
+            or beside(half, "Mul", 0.5) != plus_one.output[0]
+            or times_root is None
+            or times_root.op_type != "Mul"
+            or sorted(times_root.input) != sorted([root, half.output[0]])
+        ):
+            raise RuntimeError("the model's GELU is not in the expected form")
+        return root, [divide, erf, plus_one, half, times_root]
+
+    replaced: dict[int, Any] = {}  # id of a GELU's node -> what stands in its place (None: gone)
+    for erf in [node for node in graph.node if node.op_type == "Erf"]:
+        root, nodes = gelu_around(erf)
+        replaced.update({id(node): None for node in nodes})
+        replaced[id(nodes[-1])] = helper.make_node(
+            "Gelu", [root], list(nodes[-1].output), name=f"{erf.name}_gelu", domain="com.microsoft"
+        )
+    kept = [replaced.get(id(node), node) for node in graph.node]
+    del graph.node[:]
+    graph.node.extend(node for node in kept if node is not None)
+    # The formula's constants, unless something else reads them: onnxruntime
+    # warns of every unused initializer each time it loads the model.
+    read = {name for node in graph.node for name in node.input}
+    unread = [tensor for tensor in graph.initializer if tensor.name not in read]
+    for tensor in unread:
+        graph.initializer.remove(tensor)

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -26,6 +27,7 @@ from proxy.model_store import (
     ensure_offline_model,
     sha256_of,
 )
+from proxy.quantize import gelu_as_one_node
 from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, Settings
 
 pytestmark = pytest.mark.anyio
@@ -119,6 +121,53 @@ def test_the_model_runs_without_onnxruntimes_skip_layer_norm_fusion(
     theirs = np.stack(list(fused.embed(texts)))
     assert np.abs(ours - theirs).max() > 1e-4
     assert float(np.min(np.sum(ours * theirs, axis=1))) > 0.99
+
+
+def _spelled_out_gelu(one: float = 1.0) -> Any:
+    """y = x * (0.5 * (1 + erf(x / √2))), written as the model's export writes it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def scalar(name: str, value: float) -> Any:
+        return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Div", ["x", "root_2"], ["scaled"]),
+            helper.make_node("Erf", ["scaled"], ["erf"]),
+            helper.make_node("Add", ["erf", "one"], ["plus_one"]),
+            helper.make_node("Mul", ["half", "plus_one"], ["halved"]),
+            helper.make_node("Mul", ["x", "halved"], ["y"]),
+        ],
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        initializer=[scalar("root_2", 2**0.5), scalar("one", one), scalar("half", 0.5)],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def _run(model: Any, x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+def test_the_exported_gelu_becomes_one_node() -> None:
+    # onnxruntime's fusion does not know the export's order, so the formula ran
+    # as five passes over the activations (proxy.quantize).
+    x = np.linspace(-4, 4, 16, dtype=np.float32).reshape(2, 8)
+    model = _spelled_out_gelu()
+    spelled_out = _run(model, x)
+    gelu_as_one_node(model)
+    assert [node.op_type for node in model.graph.node] == ["Gelu"]
+    np.testing.assert_allclose(_run(model, x), spelled_out, atol=1e-6)
+    # Not a GELU after all: the rewrite refuses rather than change the function.
+    with pytest.raises(RuntimeError, match="GELU is not in the expected form"):
+        gelu_as_one_node(_spelled_out_gelu(one=2.0))
 
 
 def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:
