@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 from cachetools import LRUCache
 
+from proxy.denormals import flush_denormals_in_this_thread
 from proxy.model_store import ONNX_FILE, ensure_offline_model
 from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, OFFLINE_MODEL_NAME
 
@@ -127,7 +128,9 @@ class Embedder:
     @classmethod
     def load(cls, name: str, models_dir: Path, lanes: int = 2) -> Embedder:
         model = load_model(name, models_dir)
-        executor = ThreadPoolExecutor(lanes, thread_name_prefix="embed")
+        executor = ThreadPoolExecutor(
+            lanes, thread_name_prefix="embed", initializer=flush_denormals_in_this_thread
+        )
         return cls(name, model, executor, lanes)
 
     def embed_now(self, texts: list[str]) -> list[Vector]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import platform
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -17,6 +19,7 @@ import numpy as np
 import pytest
 
 from proxy import model_store
+from proxy.denormals import flush_denormals_in_this_thread
 from proxy.embeddings import DIMENSIONS, Embedder, load_model
 from proxy.model_store import (
     MANIFEST_FILE,
@@ -168,6 +171,24 @@ def test_the_exported_gelu_becomes_one_node() -> None:
     # Not a GELU after all: the rewrite refuses rather than change the function.
     with pytest.raises(RuntimeError, match="GELU is not in the expected form"):
         gelu_as_one_node(_spelled_out_gelu(one=2.0))
+
+
+def _tiny_product() -> float:
+    """A float32 product below the normal range: a denormal, unless flushed to zero."""
+    return float(np.float32(1e-30) * np.float32(1e-10))
+
+
+def test_the_embedding_threads_read_denormal_floats_as_zero(embedder: Embedder) -> None:
+    # The softmax over a batch's padding makes denormals, and each instruction
+    # that touches one takes a slow path (proxy.denormals).
+    with ThreadPoolExecutor(1) as elsewhere:
+        handled = elsewhere.submit(flush_denormals_in_this_thread).result()
+    glibc_x86_64 = platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc"
+    assert handled == (sys.platform == "linux" and glibc_x86_64)
+    expected = 0.0 if handled else _tiny_product()
+    assert embedder.executor.submit(_tiny_product).result() == expected
+    # Only the embedding threads: the rest of the process keeps IEEE arithmetic.
+    assert _tiny_product() > 0
 
 
 def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:
