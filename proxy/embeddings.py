@@ -15,6 +15,7 @@ from cachetools import LRUCache
 from proxy.denormals import flush_denormals_in_this_thread
 from proxy.model_store import ONNX_FILE, ensure_offline_model
 from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, OFFLINE_MODEL_NAME
+from proxy.telemetry import silence_onnxruntime
 
 DIMENSIONS = 384
 Vector = npt.NDArray[np.float32]
@@ -56,6 +57,7 @@ _SLOW_FUSIONS = ["SkipLayerNormFusion"]
 
 def onnx_session(model_file: Path, threads: int | None) -> Any:
     """An onnxruntime session for `model_file`, with every optimisation but the slow fusions."""
+    silence_onnxruntime()
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -77,6 +79,7 @@ def load_model(name: str, models_dir: Path, threads: int | None = 1) -> Any:
     two threads doubled the CPU per query (12.6 vs 6.0 ms) for no faster answer
     under load. Throughput comes from micro-batching instead.
     """
+    silence_onnxruntime()
     from fastembed import TextEmbedding
     from fastembed.text.onnx_embedding import OnnxTextEmbedding
 

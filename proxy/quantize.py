@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from proxy.telemetry import silence_onnxruntime
+
 # Zero point of the quantized activations: symmetric int8 values shifted into
 # the uint8 range the u8 x s8 kernels (VNNI) take.
 _ZERO_POINT = 128
@@ -51,6 +53,7 @@ def quantize_for_int8(model: Path) -> None:
     initializers, which the quantizer then turns into int8 per output channel
     (per tensor costs accuracy: cosine 0.95 with the float vectors, not 0.99).
     """
+    silence_onnxruntime()
     import onnx
     import onnxruntime
     from onnxruntime.quantization import QuantType, quantize_dynamic

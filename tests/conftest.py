@@ -23,6 +23,7 @@ from proxy.db.embedded import start_embedded
 from proxy.db.pool import Pool, apply_schema, create_pool
 from proxy.logs import configure_logging
 from proxy.settings import Settings
+from proxy.telemetry import silence_onnxruntime
 from tests.fakes.openai_server import FakeOpenAI
 from tests.fakes.serving import serve_in_thread
 
@@ -93,6 +94,12 @@ class Engram:
         assert answer.status_code in (200, 201), answer.text
         body: dict[str, Any] = answer.json()
         return body
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _onnxruntime_reports_nothing() -> None:
+    """The test process's own onnxruntime sessions report to no one either (proxy.telemetry)."""
+    silence_onnxruntime()
 
 
 @pytest.fixture(scope="session")
