@@ -102,6 +102,25 @@ def load_model(name: str, models_dir: Path, threads: int | None = 1) -> Any:
     return TextEmbedding(name, cache_dir=str(models_dir / "fastembed"), threads=threads)
 
 
+# A model call pads every text to its longest, and sixteen LoCoMo turns of mixed
+# lengths cost twice as much in one call as in calls of texts of like length
+# (7.5 against 3.9 ms of CPU per text). A call takes texts up to half as long
+# again as its shortest, plus a few words.
+_LIKE_LENGTH_RATIO = 1.5
+_LIKE_LENGTH_SLACK = 16  # characters
+
+
+def like_lengths(texts: list[str]) -> list[list[int]]:
+    """The indices of `texts` in groups of like length, shortest first."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(texts)), key=lambda i: len(texts[i])):
+        shortest = len(texts[groups[-1][0]]) if groups else 0
+        if not groups or len(texts[index]) > _LIKE_LENGTH_RATIO * shortest + _LIKE_LENGTH_SLACK:
+            groups.append([])
+        groups[-1].append(index)
+    return groups
+
+
 @dataclass
 class Embedder:
     """A loaded model, run in threads of their own so the event loop never waits on it.
@@ -137,8 +156,13 @@ class Embedder:
         return cls(name, model, executor, lanes)
 
     def embed_now(self, texts: list[str]) -> list[Vector]:
-        """Blocking: embed `texts` in the calling thread."""
-        return [np.asarray(v, dtype=np.float32) for v in self.model.embed(texts)]
+        """Blocking: embed `texts` in the calling thread, a model call per group of like length."""
+        vectors: dict[int, Vector] = {}
+        for group in like_lengths(texts):
+            embedded = self.model.embed([texts[index] for index in group])
+            for index, vector in zip(group, embedded, strict=True):
+                vectors[index] = np.asarray(vector, dtype=np.float32)
+        return [vectors[index] for index in range(len(texts))]
 
     async def embed(self, text: str) -> Vector:
         cached = self.recent.get(text)

@@ -20,7 +20,7 @@ import pytest
 
 from proxy import model_store
 from proxy.denormals import flush_denormals_in_this_thread
-from proxy.embeddings import DIMENSIONS, Embedder, load_model
+from proxy.embeddings import DIMENSIONS, Embedder, like_lengths, load_model
 from proxy.model_store import (
     MANIFEST_FILE,
     ONNX_FILE,
@@ -189,6 +189,33 @@ def test_the_embedding_threads_read_denormal_floats_as_zero(embedder: Embedder) 
     assert embedder.executor.submit(_tiny_product).result() == expected
     # Only the embedding threads: the rest of the process keeps IEEE arithmetic.
     assert _tiny_product() > 0
+
+
+def test_texts_are_grouped_by_length() -> None:
+    texts = ["a" * 10, "b" * 100, "c" * 12, "d" * 140, ""]
+    # Up to half as long again as a group's shortest, plus 16 characters.
+    assert like_lengths(texts) == [[4, 0, 2], [1, 3]]
+    assert like_lengths([]) == []
+
+
+def test_texts_of_unlike_lengths_are_embedded_in_separate_calls(
+    embedder: Embedder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A model call pads every text to its longest (proxy.embeddings.like_lengths).
+    long = 'Melanie said, "I ran a charity race for mental health last Saturday!" ' * 3
+    texts = [long, "ok", "espresso, please", long.upper(), "hi there"]
+    calls: list[list[str]] = []
+    embed = embedder.model.embed
+
+    def counted(documents: list[str], *args: Any, **kwargs: Any) -> Any:
+        calls.append(list(documents))
+        return embed(documents, *args, **kwargs)
+
+    monkeypatch.setattr(embedder.model, "embed", counted)
+    vectors = embedder.embed_now(texts)
+    assert sorted(map(len, calls)) == [2, 3]
+    for text, vector in zip(texts, vectors, strict=True):  # in the caller's order
+        np.testing.assert_allclose(vector, next(iter(embed([text]))), atol=1e-5)
 
 
 def test_vectors_are_unit_length_and_meaningful(embedder: Embedder) -> None:
