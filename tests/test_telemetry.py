@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from proxy.model_store import ONNX_FILE, ensure_offline_model
 from proxy.settings import OFFLINE_MODEL_NAME, Settings
+from tests.fakes.serving import stream_server_in_thread
 
 # A process that loads the model the way Engram does, and one that makes a bare
 # onnxruntime session of the same file. Each then idles until it is stopped.
@@ -37,7 +37,6 @@ time.sleep(120)
 def destinations() -> Iterator[tuple[str, list[str]]]:
     """An HTTPS proxy that connects nowhere: its URL, and the hosts asked of it."""
     asked: list[str] = []
-    loop = asyncio.new_event_loop()
 
     async def note(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await reader.readuntil(b"\r\n\r\n")
@@ -45,17 +44,8 @@ def destinations() -> Iterator[tuple[str, list[str]]]:
         writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
         writer.close()
 
-    server = loop.run_until_complete(asyncio.start_server(note, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with stream_server_in_thread(note) as port:
         yield f"http://127.0.0.1:{port}", asked
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        server.close()
-        loop.close()
 
 
 def _start(code: str, args: list[str], proxy_url: str) -> subprocess.Popen[bytes]:

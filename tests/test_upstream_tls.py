@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -14,7 +13,7 @@ import trustme
 
 from tests.conftest import Engram
 from tests.fakes.openai_server import FakeOpenAI
-from tests.fakes.serving import serve_in_thread
+from tests.fakes.serving import serve_in_thread, stream_server_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +94,6 @@ def test_an_untrusted_certificate_is_refused_and_said_so(
 def connect_proxy() -> Iterator[tuple[str, list[str]]]:
     """An HTTPS egress proxy (CONNECT tunnels) in a thread; its URL and the targets it tunnelled."""
     tunnelled: list[str] = []
-    loop = asyncio.new_event_loop()
 
     async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
@@ -121,17 +119,8 @@ def connect_proxy() -> Iterator[tuple[str, list[str]]]:
             pipe(reader, upstream_writer), pipe(upstream_reader, writer), return_exceptions=True
         )
 
-    server = loop.run_until_complete(asyncio.start_server(tunnel, "127.0.0.1", 0))
-    port = server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
+    with stream_server_in_thread(tunnel) as port:
         yield f"http://127.0.0.1:{port}", tunnelled
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        server.close()
-        loop.close()
 
 
 def test_https_proxy_carries_provider_calls_and_no_proxy_skips_it(

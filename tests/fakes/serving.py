@@ -1,11 +1,12 @@
-"""Serve an ASGI app with uvicorn on a loopback port, in a thread of its own."""
+"""Serve an ASGI app (uvicorn) or a raw asyncio server on a loopback port, in a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -35,3 +36,22 @@ def serve_in_thread(app: Any, **config: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextmanager
+def stream_server_in_thread(handle: Handler) -> Iterator[int]:
+    """An asyncio server calling `handle` for each connection, until the block ends; its port."""
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        server.close()
+        loop.close()
