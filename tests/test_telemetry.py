@@ -48,23 +48,29 @@ def destinations() -> Iterator[tuple[str, list[str]]]:
         yield f"http://127.0.0.1:{port}", asked
 
 
-def _start(code: str, args: list[str], proxy_url: str) -> subprocess.Popen[bytes]:
+def _start(code: str, args: list[str], proxy_url: str, home: Path) -> subprocess.Popen[bytes]:
     # Without the variable: each process must switch the telemetry off itself.
     env = {name: value for name, value in os.environ.items() if name != "ORT_DISABLE_TELEMETRY"}
-    env.update(HTTPS_PROXY=proxy_url, HTTP_PROXY=proxy_url)
+    env.pop("XDG_CACHE_HOME", None)
+    # A home of its own: onnxruntime keeps a device id and its unsent events
+    # under ~/.cache, and backs off for a while after failed uploads.
+    home.mkdir()
+    env.update(HTTPS_PROXY=proxy_url, HTTP_PROXY=proxy_url, HOME=str(home))
     root = Path(__file__).resolve().parent.parent
     argv = [sys.executable, "-c", code, *args]
     return subprocess.Popen(argv, env=env, cwd=root)  # noqa: S603 (our own code)
 
 
-def test_the_embedding_model_reports_to_no_one(base_settings: Settings) -> None:
+def test_the_embedding_model_reports_to_no_one(base_settings: Settings, tmp_path: Path) -> None:
     # onnxruntime 1.29+ sends telemetry to Microsoft from Linux unless told not to
     # (proxy.telemetry). The bare session shows the test would see it: here it
     # asked for mobile.events.data.microsoft.com about 9 s after it started.
     folder = ensure_offline_model(base_settings.models_dir / OFFLINE_MODEL_NAME)
+    engram_home, bare_home = tmp_path / "engram", tmp_path / "bare"
     with destinations() as (engram_proxy, engram_asked), destinations() as (bare_proxy, bare_asked):
-        engram = _start(ENGRAM, [OFFLINE_MODEL_NAME, str(base_settings.models_dir)], engram_proxy)
-        bare = _start(BARE, [str(folder / ONNX_FILE)], bare_proxy)
+        models = str(base_settings.models_dir)
+        engram = _start(ENGRAM, [OFFLINE_MODEL_NAME, models], engram_proxy, engram_home)
+        bare = _start(BARE, [str(folder / ONNX_FILE)], bare_proxy, bare_home)
         try:
             deadline = time.monotonic() + 60
             while not bare_asked and time.monotonic() < deadline:
@@ -77,3 +83,6 @@ def test_the_embedding_model_reports_to_no_one(base_settings: Settings) -> None:
                 process.kill()
                 process.wait()
     assert engram_asked == []
+    # Nor did it leave the device id and event store the bare session made.
+    assert (bare_home / ".cache" / "Microsoft").is_dir()
+    assert not (engram_home / ".cache").exists()
