@@ -52,7 +52,7 @@ def _register_offline_model(name: str) -> None:
 # one SkipLayerNormalization node, whose CPU kernel (onnxruntime 1.31) took
 # 330 µs for 8 texts of 20 tokens where the two nodes apart take 50: a fifth of
 # the whole model call, for a fusion meant to save a pass over memory.
-_SLOW_FUSIONS = ["SkipLayerNormFusion"]
+SLOW_FUSIONS = ["SkipLayerNormFusion"]
 
 
 def onnx_session(model_file: Path, threads: int | None) -> Any:
@@ -68,7 +68,7 @@ def onnx_session(model_file: Path, threads: int | None) -> Any:
         str(model_file),
         options,
         providers=["CPUExecutionProvider"],
-        disabled_optimizers=_SLOW_FUSIONS,
+        disabled_optimizers=SLOW_FUSIONS,
     )
 
 

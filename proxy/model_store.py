@@ -10,9 +10,10 @@ Two models are made from them:
 
 - `all-MiniLM-L6-v2-q8` (the default): the same network rewritten for int8
   arithmetic (proxy.quantize: int8 weights per output channel, activations
-  quantized per token, each GELU one node). On a CPU with VNNI it embeds a 23-token query in about
-  3.5 ms of CPU instead of 8.1, a text's vector does not depend on the batch it
-  is embedded in, and it keeps a cosine of 0.997 with the float one.
+  quantized per token, each GELU one node). On a CPU with VNNI it embeds a
+  short query in about 2.2 ms of CPU instead of 5.5 (scripts/BENCHMARKS.md,
+  section 4), a text's vector does not depend on the batch it is embedded in,
+  and it keeps a cosine of 0.997 with the float one.
   The rewrite is deterministic, so the same wheels and lock file give the
   same file (QUANTIZED_SHA256, checked by the tests); a manifest beside it
   records its sha256 and recipe, checked at every start like the source's.

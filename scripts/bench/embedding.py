@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from proxy.embeddings import load_model
+from proxy.embeddings import SLOW_FUSIONS, load_model
 from proxy.model_store import ONNX_FILE
 from proxy.settings import LEGACY_OFFLINE_MODEL_NAME, OFFLINE_MODEL_NAME, Settings
 from scripts.bench import report, stats
@@ -55,7 +55,7 @@ def _no_spin(model: Any, models_dir: Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return _session(model, models_dir, options, ["SkipLayerNormFusion"])
+    return _session(model, models_dir, options, SLOW_FUSIONS)
 
 
 def _fused(model: Any, models_dir: Path) -> Any:
