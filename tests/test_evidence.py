@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from uuid import UUID
 
@@ -158,6 +160,33 @@ async def test_one_refused_exchange_does_not_keep_the_others_out(
     assert await access_counts(db, [memory]) == [2]
     assert health.up  # refused is not an outage
     assert not (tmp_path / "journal" / "exchanges.jsonl").exists()
+
+
+async def test_exchanges_that_come_together_are_written_in_one_transaction(
+    pool: Pool, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    user, (memory,) = await new_user_with_memories(db, 1)
+    first, second = exchange(user, [memory]), exchange(user, [memory])
+    batches: list[int] = []
+
+    async def write(exchanges: Sequence[Exchange]) -> None:
+        batches.append(len(exchanges))
+        await record_exchanges(pool, exchanges)
+
+    recorder = EvidenceRecorder(
+        write,
+        Journal(tmp_path / "journal", max_bytes=1 << 20),
+        DatabaseHealth(lambda: pool.fetchval("SELECT 1")),
+    )
+    recorder.start()
+    recorder.submit(first)
+    await asyncio.sleep(0.005)  # the writer has taken the first, and waits for company
+    assert not recorder.pending
+    recorder.submit(second)
+    await recorder.close(grace_seconds=10)
+
+    assert batches == [2]
+    assert await access_counts(db, [memory]) == [2]
 
 
 def test_files_sent_inline_are_stored_as_their_size_and_links_as_sent() -> None:
